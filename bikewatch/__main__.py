@@ -1,0 +1,5 @@
+import sys
+
+from bikewatch.cli import main
+
+sys.exit(main())

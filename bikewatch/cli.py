@@ -1,0 +1,196 @@
+"""Command-line entry point: ``bikewatch COMMAND ...``.
+
+Exit codes are shell-friendly: 0 success, 1 some files failed (classify/sort)
+or the service stopped on an error, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from bikewatch import __version__
+
+EXIT_OK, EXIT_FILES_FAILED, EXIT_USAGE = 0, 1, 2
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _quiet_tensorflow() -> None:
+    """TensorFlow's C++ start-up chatter drowns the messages people need to read."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"bikewatch: error: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from bikewatch.classify import classify_paths, expand_paths, to_csv, to_json, to_table
+    from bikewatch.model import ModelError, load_classifier
+
+    paths = expand_paths(args.paths)
+    if not paths:
+        return _fail("no image files found in the given paths")
+    try:
+        classifier = load_classifier(args.model)
+    except ModelError as exc:
+        return _fail(str(exc))
+    results = classify_paths(classifier, paths, batch_size=args.batch_size)
+    if args.format == "csv":
+        sys.stdout.write(to_csv(results, classifier.identity))
+    elif args.format == "json":
+        sys.stdout.write(to_json(results, classifier.identity) + "\n")
+    else:
+        print(to_table(results))
+    failed = sum(1 for r in results if r.error)
+    if failed:
+        print(f"bikewatch: {failed} of {len(results)} files could not be classified", file=sys.stderr)
+        return EXIT_FILES_FAILED
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from bikewatch.model import ModelError, load_classifier
+    from bikewatch.training import train_command
+
+    if args.out.suffix != ".keras":
+        return _fail(f"--out must end in .keras (got {args.out})")
+    base = None
+    if args.fine_tune:
+        try:
+            base = load_classifier(None if args.fine_tune == "default" else args.fine_tune)
+        except ModelError as exc:
+            return _fail(str(exc))
+    try:
+        train_command(
+            args.data_dir, args.out, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+            val_split=args.val_split, augment=not args.no_augment, base=base,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        return _fail(str(exc))
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from bikewatch.model import CLASSES, ModelError, load_classifier
+    from bikewatch.training import evaluate, kfold_command, load_dataset
+
+    try:
+        if args.kfold:
+            if args.kfold < 2:
+                return _fail("--kfold needs at least 2 folds")
+            result = kfold_command(args.data_dir, args.kfold, epochs=args.epochs, seed=args.seed)
+            if args.json:
+                print(json.dumps(result, indent=2))
+            return EXIT_OK
+        classifier = load_classifier(args.model)
+        data = load_dataset(args.data_dir)
+    except (ModelError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    m = evaluate(classifier, data)
+    if args.json:
+        print(json.dumps({"model": classifier.identity, **m.to_json()}, indent=2))
+        return EXIT_OK
+    print(f"model      {classifier.identity}")
+    print(f"photos     {m.count}   accuracy {m.accuracy:.3f} ({round(m.accuracy * m.count)}/{m.count})")
+    print("confusion  (rows: true, columns: predicted)")
+    print(f"           {'':10}" + "".join(f"{c:>10}" for c in CLASSES))
+    for name, row in zip(CLASSES, m.confusion):
+        print(f"           {name:10}" + "".join(f"{v:>10}" for v in row))
+    for name in CLASSES:
+        print(f"{name:10} precision {m.precision[name]:.3f}  recall {m.recall[name]:.3f}")
+    for path, why in data.skipped:
+        print(f"skipped    {path}: {why}")
+    if m.misclassified:
+        print("misclassified:")
+        for miss in m.misclassified:
+            print(f"  {miss['path']}: true {miss['true']}, predicted {miss['predicted']} ({miss['confidence']:.3f})")
+    else:
+        print("misclassified: none")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bikewatch.service import run_service
+
+    return run_service(args)
+
+
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=None,
+                   help="model file (.keras, or the seed notebook's .h5); default: the embedded model")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bikewatch",
+        description="Watch an inbox and sort bike photos into mountain/ and road/ with a small CNN.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  bikewatch run --inbox /srv/bikewatch/inbox --output /srv/bikewatch/sorted",
+    )
+    parser.add_argument("--version", action="version", version=f"bikewatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Handler, help: str, example: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("run", cmd_run, "run the service: watch the inbox and sort photos as they arrive",
+            "bikewatch run --config /etc/bikewatch/bikewatch.toml")
+    p.add_argument("--config", type=Path, help="TOML config file (see config/bikewatch.toml)")
+    p.add_argument("--inbox", type=Path, help="folder to watch")
+    p.add_argument("--output", type=Path, help="folder that receives mountain/, road/, rejected/")
+    p.add_argument("--log", type=Path, help="CSV log (default OUTPUT/classifications.csv)")
+    _add_model_arg(p)
+
+    p = add("classify", cmd_classify, "classify photos without moving them",
+            "bikewatch classify photos/ --format csv > results.csv")
+    p.add_argument("paths", nargs="+", help="image files or folders (a folder means its image files)")
+    _add_model_arg(p)
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--batch-size", type=int, default=64)
+
+    p = add("train", cmd_train, "train the CNN on class folders DATA_DIR/mountain and DATA_DIR/road",
+            "bikewatch train ../shared/data/bikes/train --out my-bikes.keras")
+    p.add_argument("data_dir", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="model file to write (.keras); a .card.json goes beside it")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--val-split", type=float, default=0.2, help="fraction held out for the model card's metrics")
+    p.add_argument("--no-augment", action="store_true", help="train on the photos as they are")
+    p.add_argument("--fine-tune", metavar="MODEL", nargs="?", const="default",
+                   help="start from MODEL (default: the embedded model) instead of random weights")
+
+    p = add("evaluate", cmd_evaluate, "accuracy, confusion matrix, precision/recall and misses on class folders",
+            "bikewatch evaluate ../shared/data/bikes/test")
+    p.add_argument("data_dir", type=Path)
+    _add_model_arg(p)
+    p.add_argument("--kfold", type=int, metavar="K", help="K-fold cross-validation of fresh models (the seed used 10)")
+    p.add_argument("--epochs", type=int, default=20, help="epochs per fold with --kfold")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_tensorflow()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
