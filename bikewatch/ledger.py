@@ -1,0 +1,121 @@
+"""The CSV ledger: one row per delivered file, appended whole, fsynced per batch.
+
+A batch's rows go out in a single ``write()`` on an ``O_APPEND`` descriptor
+under an exclusive ``flock`` (several workers on one machine may share the
+file), then ``fsync``. A power cut can leave a torn last line; start-up
+recovery trims it (:func:`repair_tail`) and rewrites the rows that were lost,
+which it finds by the ``id`` column.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterable, Iterator
+
+COLUMNS = (
+    "timestamp", "source", "destination", "label", "confidence", "p_mountain", "p_road",
+    "sha256", "model", "error", "size_bytes", "id", "worker",
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    timestamp: str  # ISO 8601, UTC
+    source: str
+    destination: str
+    label: str  # mountain, road, unsure or rejected
+    confidence: str
+    p_mountain: str
+    p_road: str
+    sha256: str
+    model: str
+    error: str
+    size_bytes: str
+    id: str  # unique per claimed file: lets recovery tell whether the row was written
+    worker: str
+
+    def values(self) -> list[str]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+
+def _text(value: str) -> str:
+    # File names may hold bytes that are not UTF-8 (surrogate escapes): keep them visible.
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def render(rows: Iterable[Row], *, header: bool) -> bytes:
+    """CSV bytes for ``rows`` (and the header first when asked); pure."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\r\n")  # RFC 4180; spreadsheets and pandas read it
+    if header:
+        writer.writerow(COLUMNS)
+    for row in rows:
+        writer.writerow([_text(v) for v in row.values()])
+    return buf.getvalue().encode("utf-8")
+
+
+class Ledger:
+    """Appends rows to the CSV file; creates it with its header on first use."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def append(self, rows: list[Row]) -> None:
+        if not rows:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            size = os.fstat(fd).st_size
+            data = render(rows, header=size == 0)
+            written = os.write(fd, data)
+            if written != len(data):  # a short write on a full disk: undo our partial line
+                os.ftruncate(fd, size)
+                raise OSError(28, "short write to the CSV log (disk full?)", str(self.path))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def repair_tail(self) -> bool:
+        """Trim a torn last line left by a power cut; True when something was trimmed."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return False
+            tail_len = min(size, 1 << 16)
+            os.lseek(fd, size - tail_len, os.SEEK_SET)
+            tail = os.read(fd, tail_len)
+            if tail.endswith(b"\n"):
+                return False
+            cut = tail.rfind(b"\n")
+            new_size = size - tail_len + cut + 1 if cut >= 0 else 0
+            os.ftruncate(fd, new_size)
+            os.fsync(fd)
+            return True
+        finally:
+            os.close(fd)
+
+    def ids(self) -> set[str]:
+        """Every ``id`` in the file: which rows already exist."""
+        return {row.get("id", "") for row in read_rows(self.path)}
+
+
+def read_rows(path: Path) -> Iterator[dict[str, str]]:
+    """Rows as dicts; a missing file has none."""
+    try:
+        fh = open(path, newline="", encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return
+    with fh:
+        yield from csv.DictReader(fh)

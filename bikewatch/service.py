@@ -1,0 +1,467 @@
+"""``bikewatch run``: the long-running service that ties the pieces together.
+
+One processing loop on the main thread owns every decision (which files to
+claim, when to send a batch, where each file goes); worker threads only read
+and preprocess files, and the watchdog observer only drops hints. Side
+effects live here and in :mod:`bikewatch.journal`; the rules they follow are
+pure functions in the other modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bikewatch.batching import LABEL_REJECTED, LABEL_UNSURE, Prepared, decide, digest_file, prepare, should_dispatch
+from bikewatch.config import ConfigError, Settings, describe, load_settings, validate
+from bikewatch.journal import (
+    PHASE_CLAIMED, PHASE_DECIDED, DeliveryError, Item, Journal, WorkArea, claim, free_name, recover_dir,
+    return_to_inbox, settle, write_journal,
+)
+from bikewatch.ledger import Ledger
+from bikewatch.logs import configure, get_logger
+from bikewatch.model import CLASSES, Classifier, ModelError, load_classifier
+from bikewatch.systemd import Notifier, format_status
+from bikewatch.watching import (
+    Hints, InboxWatcher, Readiness, is_ignored, mount_fstype, needs_polling, observe, scan,
+)
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def configure_device(device: str) -> str:
+    """CPU or GPU as asked; on a GPU, memory growth so the service does not grab the whole card."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if device == "cpu":
+        if gpus:
+            tf.config.set_visible_devices([], "GPU")
+        return "cpu"
+    if device == "gpu" and not gpus:
+        raise ConfigError("setting 'device': 'gpu' was asked for but TensorFlow sees no GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            pass
+    return f"gpu x{len(gpus)} ({gpus[0].name})" if gpus else "cpu"
+
+
+@dataclass
+class InFlight:
+    journal: Journal
+    path: Path
+    futures: list[Future[Prepared]]
+    started: float
+
+
+@dataclass
+class Counts:
+    by_label: collections.Counter[str] = field(default_factory=collections.Counter)
+    reasons: collections.Counter[str] = field(default_factory=collections.Counter)
+    batches: int = 0
+    last_file: str = ""
+    last_error: str = ""
+
+
+class Service:
+    def __init__(self, settings: Settings, notifier: Notifier) -> None:
+        self.s = settings
+        self.notifier = notifier
+        self.log = get_logger()
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+        self.hints = Hints()
+        self.readiness = Readiness(settings.settle_seconds, settings.closed_settle_seconds)
+        self.ledger = Ledger(settings.log_path)
+        self.counts = Counts()
+        self.inflight: collections.deque[InFlight] = collections.deque()
+        self.taken: set[str] = set()  # inbox paths claimed or being claimed
+        self.pending: list[Path] = []  # journals whose delivery must be retried
+        self.blocked_until = 0.0
+        self.backoff = 0.0
+        self.inbox_ok = True
+        self.watcher: InboxWatcher | None = None
+        self.polling = False
+        self.classifier: Classifier | None = None
+        self._model_stat: tuple[int, int, int] | None = None
+        self._next_model_check = 0.0
+        self._last_status = 0.0
+        self._ready_since: dict[str, float] = {}
+
+    # ----- start-up -------------------------------------------------------------------------
+
+    def _signals(self) -> None:
+        def on_stop(signum: int, _frame: Any) -> None:
+            if not self.stop.is_set():
+                self.log.info("stopping", signal=signal.Signals(signum).name)
+            self.stop.set()
+            self.hints.wake.set()
+
+        def on_hup(_signum: int, _frame: Any) -> None:
+            self.reload.set()
+            self.hints.wake.set()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+
+    def _load_model(self) -> Classifier:
+        path = self.s.model
+        started = time.monotonic()
+        classifier = load_classifier(path)
+        classifier.predict(np.zeros((1, 64, 64, 3), dtype=np.float32))  # trace the graph before READY
+        self._model_stat = self._stat_model()
+        self.log.info(
+            "model loaded", model=classifier.identity, path=str(classifier.path),
+            contract=classifier.contract.to_json(), ms=round((time.monotonic() - started) * 1000),
+        )
+        return classifier
+
+    def _stat_model(self) -> tuple[int, int, int] | None:
+        path = self.s.model
+        if path is None:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _maybe_reload_model(self, now: float) -> None:
+        """A replaced model file or SIGHUP switches models between batches, no restart."""
+        changed = False
+        if self.s.watch_model and self.s.model is not None and now >= self._next_model_check:
+            self._next_model_check = now + 2.0
+            st = self._stat_model()
+            changed = st is not None and st != self._model_stat
+        if not (changed or self.reload.is_set()):
+            return
+        self.reload.clear()
+        old = self.classifier.identity if self.classifier else ""
+        try:
+            new = self._load_model()
+        except (ModelError, OSError) as exc:
+            self._model_stat = self._stat_model()
+            self.log.error("model reload failed; keeping the current model", error=str(exc), model=old)
+            return
+        self.classifier = new
+        self.log.info("model switched", previous=old, model=new.identity)
+
+    def _recover(self, work: WorkArea) -> None:
+        def on_return(item: Item, why: str) -> None:
+            self.log.info("returned to inbox", source=item.source, reason=why)
+
+        for folder in work.orphaned_dirs():
+            res = recover_dir(folder, inbox=self.s.inbox, output=self.s.output, ledger=self.ledger,
+                              digest=digest_file, on_return=on_return)
+            self.log.info("recovered work of a stopped worker", folder=folder.name,
+                          delivered=len(res.delivered), returned=len(res.returned))
+
+    def _start_watching(self) -> None:
+        fstype = mount_fstype(self.s.inbox)
+        self.polling = self.s.poll == "yes" or (self.s.poll == "auto" and needs_polling(fstype))
+        mode = "poll" if self.polling else "inotify"
+        self.log.info("watching inbox", inbox=str(self.s.inbox), fstype=fstype, mode=mode,
+                      poll_interval_s=self.s.poll_interval_seconds if self.polling else None)
+        if not self.polling:
+            self.watcher = InboxWatcher(self.s.inbox, self.hints, self.s.state_dir)
+            self.watcher.start()
+
+    def run(self) -> int:
+        self._signals()
+        self.log.info("starting", settings=describe(self.s), pid=os.getpid())
+        self.notifier.extend_timeout(120)
+        device = configure_device(self.s.device)
+        self.log.info("device", device=device)
+        try:
+            self.classifier = self._load_model()
+        except ModelError as exc:
+            self.log.error("cannot load model", error=str(exc))
+            return EXIT_CONFIG
+        folders = [*CLASSES, LABEL_REJECTED] + ([LABEL_UNSURE] if self.s.unsure_below > 0 else [])
+        for name in folders:
+            (self.s.output / name).mkdir(parents=True, exist_ok=True)
+        self.ledger.repair_tail()
+        work = WorkArea(self.s.state_dir, self.s.worker_name)
+        self.work = work
+        try:
+            self._recover(work)
+            self._start_watching()
+            self._full_scan(time.monotonic())
+            self.notifier.ready(status="watching " + str(self.s.inbox))
+            self.log.info("ready", inbox=str(self.s.inbox), output=str(self.s.output), log=str(self.s.log_path),
+                          waiting=len(self.readiness))
+            workers = self.s.decode_workers or max(1, os.cpu_count() or 1)
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+                self._loop(pool)
+        finally:
+            self.notifier.stopping()
+            if self.watcher:
+                self.watcher.stop()
+            work.close()
+        self.log.info("stopped", **self._summary())
+        return EXIT_OK
+
+    # ----- the loop ---------------------------------------------------------------------------
+
+    def _summary(self) -> dict[str, Any]:
+        return {"sorted": dict(self.counts.by_label), "batches": self.counts.batches,
+                "waiting": len(self.readiness)}
+
+    def _loop(self, pool: ThreadPoolExecutor) -> None:
+        next_scan = time.monotonic() + (self.s.poll_interval_seconds if self.polling else self.s.rescan_seconds)
+        while True:
+            now = time.monotonic()
+            self.notifier.maybe_ping_watchdog(now)
+            stopping = self.stop.is_set()
+            if stopping and not self.inflight:
+                return
+            paths, closed, rescan = self.hints.take()
+            for rel in paths:
+                self._observe(rel, now)
+            for rel in closed:
+                self.readiness.mark_closed(rel)
+            if rescan or now >= next_scan or (self.watcher is not None and not self.watcher.alive):
+                self._full_scan(now)
+                next_scan = now + (self.s.poll_interval_seconds if self.polling else self.s.rescan_seconds)
+            self._maybe_reload_model(now)
+            if self.pending and now >= self.blocked_until:
+                self._retry_pending(now)
+            # Keep up to two batches in flight: one decoding while the model works on the other.
+            while len(self.inflight) < 2 and not stopping and now >= self.blocked_until and self.inbox_ok:
+                if not self._maybe_dispatch(pool, now):
+                    break
+            if self.inflight:
+                self._finish(self.inflight.popleft())
+                continue
+            self._publish_status(now)
+            timeout = self._timeout(now, next_scan)
+            self.hints.wake.wait(timeout)
+
+    def _timeout(self, now: float, next_scan: float) -> float:
+        waits = [next_scan - now]
+        due = self.readiness.next_due(now)
+        if due is not None:
+            waits.append(due)
+        if self._ready_since:
+            oldest = min(self._ready_since.values())
+            waits.append(oldest + self.s.max_wait_ms / 1000 - now)
+        if self.pending or self.blocked_until > now:
+            waits.append(self.blocked_until - now)
+        if self.notifier.watchdog_interval:
+            waits.append(self.notifier.watchdog_interval / 2)
+        if self.s.watch_model and self.s.model is not None:
+            waits.append(self._next_model_check - now)
+        return min(max(0.005, w) for w in waits)
+
+    def _observe(self, rel: str, now: float) -> None:
+        if rel in self.taken:
+            return
+        seen = observe(self.s.inbox, rel)
+        if seen is None:
+            self.readiness.forget(rel)
+            self._ready_since.pop(rel, None)
+        else:
+            if any(is_ignored(part, self.s.ignore) for part in Path(rel).parts):
+                return
+            self.readiness.update(seen, now)
+
+    def _full_scan(self, now: float) -> None:
+        try:
+            found = list(scan(self.s.inbox, self.s.ignore, skip=[self.s.state_dir]))
+        except OSError as exc:
+            if self.inbox_ok:
+                self.log.error("inbox unavailable; will retry, nothing is forgotten", inbox=str(self.s.inbox),
+                               error=exc.strerror or str(exc))
+            self.inbox_ok = False
+            return
+        if not self.inbox_ok:
+            self.log.info("inbox available again", inbox=str(self.s.inbox))
+            self.inbox_ok = True
+            if self.watcher is not None and not self.polling:
+                self.watcher.stop()
+                self.watcher = InboxWatcher(self.s.inbox, self.hints, self.s.state_dir)
+                self.watcher.start()
+        present = set()
+        for seen in found:
+            if seen.rel in self.taken:
+                continue
+            present.add(seen.rel)
+            self.readiness.update(seen, now)
+        self.readiness.retain(present)
+
+    def _maybe_dispatch(self, pool: ThreadPoolExecutor, now: float) -> bool:
+        ready = [s for s in self.readiness.ready(now) if s.rel not in self.taken]
+        for s in ready:
+            self._ready_since.setdefault(s.rel, now)
+        live = {s.rel for s in ready}
+        for rel in [r for r in self._ready_since if r not in live]:
+            del self._ready_since[rel]
+        if not ready:
+            return False
+        oldest_wait = now - min(self._ready_since[s.rel] for s in ready)
+        # With a batch already in flight there is no reason to wait for this one to fill.
+        max_wait = 0.0 if self.inflight else self.s.max_wait_ms / 1000
+        if not should_dispatch(len(ready), oldest_wait, max_batch=self.s.max_batch, max_wait=max_wait,
+                               stopping=self.stop.is_set()):
+            return False
+        chosen = ready[: self.s.max_batch]
+        batch_id = self.work.new_batch_id()
+        items = tuple(Item(key=f"{batch_id}.{i:04d}", source=s.rel) for i, s in enumerate(chosen))
+        assert self.classifier is not None
+        journal = Journal(batch=batch_id, phase=PHASE_CLAIMED, worker=self.s.worker_name,
+                          model=self.classifier.identity, items=items)
+        path = self.work.journal_path(batch_id)
+        for s in chosen:
+            self.readiness.forget(s.rel)
+            self._ready_since.pop(s.rel, None)
+        try:
+            journal = claim(self.s.inbox, self.work.dir, journal, path)
+        except OSError as exc:
+            self.log.error("cannot claim files", error=str(exc))
+            self._block(now)
+            return False
+        futures = [
+            pool.submit(prepare, self.work.dir / it.key, it.key, max_pixels=self.s.max_pixels) for it in journal.items
+        ]
+        self.taken.update(it.source for it in journal.items)
+        self.inflight.append(InFlight(journal, path, futures, now))
+        return True
+
+    def _finish(self, batch: InFlight) -> None:
+        assert self.classifier is not None
+        wait(batch.futures)
+        prepared = [f.result() for f in batch.futures]
+        good = [i for i, p in enumerate(prepared) if p.array is not None]
+        t0 = time.monotonic()
+        probs = (self.classifier.predict(np.stack([prepared[i].array for i in good]))  # type: ignore[misc]
+                 if good else np.zeros((0, 2), dtype=np.float32))
+        infer_ms = (time.monotonic() - t0) * 1000
+        by_index = {i: probs[j] for j, i in enumerate(good)}
+        items: list[Item] = []
+        chosen: dict[str, set[str]] = collections.defaultdict(set)
+        for i, (item, prep) in enumerate(zip(batch.journal.items, prepared)):
+            if prep.array is None:
+                label, pm, pr = LABEL_REJECTED, None, None
+            else:
+                pm, pr = float(by_index[i][0]), float(by_index[i][1])
+                label = decide(pm, pr, self.s.unsure_below)
+            name = free_name(self.s.output / label, os.path.basename(item.source), chosen[label])
+            chosen[label].add(name)
+            items.append(replace(
+                item, label=label, p_mountain=pm, p_road=pr, sha256=prep.sha256, size=prep.size,
+                mtime_ns=prep.mtime_ns, error=prep.error, timestamp=utc_now(), dest=f"{label}/{name}",
+            ))
+        journal = replace(batch.journal, phase=PHASE_DECIDED, items=tuple(items), model=self.classifier.identity)
+        try:
+            write_journal(batch.path, journal)
+            result = settle(batch.path, self.work.dir, inbox=self.s.inbox, output=self.s.output, ledger=self.ledger,
+                            fresh=True, digest=digest_file)
+        except DeliveryError as exc:
+            self._delivery_failed(batch.path, exc)
+            self.taken.difference_update(it.source for it in batch.journal.items)
+            return
+        except OSError as exc:
+            # The work area itself failed (inbox filesystem trouble): leave the journal for retry.
+            self.log.error("cannot record batch; will retry", error=str(exc), batch=journal.batch)
+            self.pending.append(batch.path)
+            self._block(time.monotonic())
+            self.taken.difference_update(it.source for it in batch.journal.items)
+            return
+        self.taken.difference_update(it.source for it in batch.journal.items)
+        if self.backoff:
+            self.log.info("output available again", output=str(self.s.output))
+            self.backoff = 0.0
+        self.counts.batches += 1
+        for item in result.delivered:
+            self.counts.by_label[item.label] += 1
+            self.counts.last_file = item.dest
+            if item.error:
+                self.counts.reasons[item.error.split(":")[0]] += 1
+                self.counts.last_error = f"{item.source}: {item.error}"
+                self.log.warning("rejected", source=item.source, destination=item.dest, reason=item.error)
+            else:
+                self.log.info("sorted", source=item.source, destination=item.dest, label=item.label,
+                              confidence=round(item.confidence or 0.0, 4))
+        self.log.info("batch", size=len(items), classified=len(good), infer_ms=round(infer_ms, 1),
+                      total_ms=round((time.monotonic() - batch.started) * 1000, 1))
+        self._publish_status(time.monotonic(), force=True)
+
+    def _block(self, now: float) -> None:
+        self.backoff = min(self.s.retry_max_seconds, max(1.0, self.backoff * 2))
+        self.blocked_until = now + self.backoff
+
+    def _delivery_failed(self, journal_path: Path, exc: DeliveryError) -> None:
+        returned = return_to_inbox(journal_path, self.work.dir, inbox=self.s.inbox)
+        first = not self.backoff
+        self._block(time.monotonic())
+        self.pending.append(journal_path)
+        msg = "output unavailable; photos stay in the inbox, retrying"
+        fields = dict(error=str(exc), returned=len(returned), retry_in_s=self.backoff)
+        if first:
+            self.log.error(msg, **fields)
+        else:
+            self.log.debug(msg, **fields)
+
+    def _retry_pending(self, now: float) -> None:
+        still: list[Path] = []
+        for path in self.pending:
+            if not path.exists():
+                continue
+            try:
+                res = settle(path, self.work.dir, inbox=self.s.inbox, output=self.s.output, ledger=self.ledger,
+                             digest=digest_file)
+                for item in res.delivered:
+                    self.counts.by_label[item.label] += 1
+            except OSError as exc:
+                still.append(path)
+                self.log.debug("retry failed", error=str(exc))
+        self.pending = still
+        if still:
+            self._block(now)
+
+    def _publish_status(self, now: float, force: bool = False) -> None:
+        if not force and now - self._last_status < 5:
+            return
+        self._last_status = now
+        by = self.counts.by_label
+        counts: dict[str, Any] = {
+            "sorted": {k: by[k] for k in (*CLASSES, LABEL_UNSURE) if by[k]},
+            "rejected": by[LABEL_REJECTED],
+            "waiting": len(self.readiness),
+        }
+        self.notifier.status(format_status(counts))
+
+
+def run_service(args: argparse.Namespace) -> int:
+    overrides = {"inbox": args.inbox, "output": args.output, "log": args.log, "model": args.model}
+    try:
+        settings = validate(load_settings(args.config, overrides=overrides))
+    except ConfigError as exc:
+        print(f"bikewatch: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure(settings.log_format, settings.log_level)
+    notifier = Notifier.from_environ()
+    try:
+        return Service(settings, notifier).run()
+    except ConfigError as exc:
+        get_logger().error("configuration error", error=str(exc))
+        return EXIT_CONFIG

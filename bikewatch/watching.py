@@ -1,0 +1,269 @@
+"""Finding files in the inbox and deciding when each one is complete.
+
+Events are hints, the scan is the truth: a watchdog (inotify) observer only
+says *where* to look; a scan at start-up, a periodic rescan and a rescan after
+any inotify queue overflow make sure nothing is forgotten. On network and
+FUSE filesystems inotify does not see writes made by other machines, so
+bikewatch polls there instead (:func:`needs_polling`).
+
+A file is *ready* once its size and mtime have stayed unchanged for the
+settle time (shortened after a close-after-write event).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import stat
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+NETWORK_FS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "9p", "afs", "ceph", "glusterfs", "lustre",
+     "gpfs", "beegfs", "davfs", "vboxsf", "virtiofs", "fuse", "fuseblk", "sshfs"}
+)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One observation of a candidate file."""
+
+    rel: str
+    size: int
+    mtime_ns: int
+    ino: int
+    regular: bool  # False for symlinks, FIFOs, sockets, devices
+
+
+def is_ignored(name: str, patterns: Iterable[str]) -> bool:
+    """Hidden files, in-progress uploads and OS metadata are left alone; pure."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def scan(inbox: Path, ignore: tuple[str, ...], skip: Iterable[Path] = ()) -> Iterator[Seen]:
+    """Every candidate below ``inbox``; never follows symlinks, never enters hidden folders.
+
+    Raises OSError when the inbox itself cannot be listed (a mount problem,
+    which the caller must not mistake for an empty inbox).
+    """
+    skip_set = {os.path.normpath(p) for p in skip}
+    stack = [""]
+    first = True
+    while stack:
+        rel_dir = stack.pop()
+        abs_dir = os.path.join(inbox, rel_dir) if rel_dir else str(inbox)
+        try:
+            entries = list(os.scandir(abs_dir))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            if first:
+                raise
+            continue  # a subfolder vanished or is private mid-scan
+        first = False
+        for entry in entries:
+            name = entry.name
+            if is_ignored(name, ignore):
+                continue
+            rel = os.path.join(rel_dir, name) if rel_dir else name
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if os.path.normpath(entry.path) not in skip_set:
+                    stack.append(rel)
+                continue
+            yield Seen(rel, st.st_size, st.st_mtime_ns, st.st_ino, stat.S_ISREG(st.st_mode))
+
+
+def observe(inbox: Path, rel: str) -> Seen | None:
+    """Stat one path (an event hint); None when it is gone or is a folder."""
+    try:
+        st = os.lstat(os.path.join(inbox, rel))
+    except OSError:
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return None
+    return Seen(rel, st.st_size, st.st_mtime_ns, st.st_ino, stat.S_ISREG(st.st_mode))
+
+
+@dataclass
+class _Track:
+    seen: Seen
+    stable_since: float
+    closed: bool = False
+
+
+class Readiness:
+    """Pure bookkeeping of candidates; feed it observations and a clock."""
+
+    def __init__(self, settle: float, closed_settle: float) -> None:
+        self.settle = settle
+        self.closed_settle = min(closed_settle, settle)
+        self._tracks: dict[str, _Track] = {}
+
+    def __len__(self) -> int:
+        return len(self._tracks)
+
+    def update(self, seen: Seen, now: float) -> None:
+        track = self._tracks.get(seen.rel)
+        if track is None or (track.seen.size, track.seen.mtime_ns, track.seen.ino) != (
+            seen.size, seen.mtime_ns, seen.ino
+        ):
+            self._tracks[seen.rel] = _Track(seen, now, closed=False)
+
+    def mark_closed(self, rel: str) -> None:
+        """A close-after-write: the writer is done, a short settle suffices."""
+        track = self._tracks.get(rel)
+        if track is not None:
+            track.closed = True
+
+    def forget(self, rel: str) -> None:
+        self._tracks.pop(rel, None)
+
+    def retain(self, present: set[str]) -> None:
+        """After a full scan: drop tracks of files that are gone."""
+        for rel in [r for r in self._tracks if r not in present]:
+            del self._tracks[rel]
+
+    def _needed(self, track: _Track) -> float:
+        if not track.seen.regular:
+            return 0.0  # links and special files never change by being written
+        return self.closed_settle if track.closed else self.settle
+
+    def ready(self, now: float) -> list[Seen]:
+        """Candidates unchanged for long enough, oldest first."""
+        out = [t for t in self._tracks.values() if now - t.stable_since >= self._needed(t)]
+        out.sort(key=lambda t: (t.stable_since, t.seen.rel))
+        return [t.seen for t in out]
+
+    def pending(self) -> list[str]:
+        return list(self._tracks)
+
+    def next_due(self, now: float) -> float | None:
+        """Seconds until the next candidate could become ready (None when there is none)."""
+        waits = [t.stable_since + self._needed(t) - now for t in self._tracks.values()]
+        return max(0.0, min(waits)) if waits else None
+
+
+def mount_fstype(path: Path, mountinfo: str | None = None) -> str:
+    """Filesystem type of the mount holding ``path``, from /proc/self/mountinfo."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return "unknown"
+    target = os.path.realpath(path)
+    best, best_len = "unknown", -1
+    for line in mountinfo.splitlines():
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) < 5 or not right:
+            continue
+        mount_point = fields[4].replace("\\040", " ")
+        if (target == mount_point or target.startswith(mount_point.rstrip("/") + "/")) and len(mount_point) > best_len:
+            best, best_len = right.split()[0], len(mount_point)
+    return best
+
+
+def needs_polling(fstype: str) -> bool:
+    """inotify sees only local writes; on these filesystems other machines write too."""
+    return fstype in NETWORK_FS or fstype.startswith("fuse.")
+
+
+class Hints:
+    """Thread-safe inbox of event hints for the processing loop; wakes it up."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._paths: set[str] = set()
+        self._closed: set[str] = set()
+        self._rescan = False
+        self.wake = threading.Event()
+
+    def add(self, rel: str, *, closed: bool = False, rescan: bool = False) -> None:
+        with self._lock:
+            if rescan:
+                self._rescan = True
+            else:
+                self._paths.add(rel)
+                if closed:
+                    self._closed.add(rel)
+        self.wake.set()
+
+    def request_rescan(self) -> None:
+        self.add("", rescan=True)
+
+    def take(self) -> tuple[set[str], set[str], bool]:
+        with self._lock:
+            paths, closed, rescan = self._paths, self._closed, self._rescan
+            self._paths, self._closed, self._rescan = set(), set(), False
+            self.wake.clear()
+        return paths, closed, rescan
+
+
+class _OverflowWatcher(logging.Handler):
+    """watchdog reports an inotify queue overflow only as a log record: turn it into a rescan."""
+
+    def __init__(self, hints: Hints) -> None:
+        super().__init__(logging.WARNING)
+        self.hints = hints
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self.hints.request_rescan()
+
+
+class InboxWatcher:
+    """A watchdog observer that turns events into :class:`Hints`."""
+
+    def __init__(self, inbox: Path, hints: Hints, skip: Path) -> None:
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        self.inbox = inbox
+        self.hints = hints
+        skip_prefix = str(skip) + os.sep
+        root = str(inbox)
+
+        def rel_of(path: str | bytes) -> str | None:
+            p = os.fsdecode(path)
+            if p == str(skip) or p.startswith(skip_prefix) or not p.startswith(root):
+                return None
+            return os.path.relpath(p, root)
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                if event.event_type in ("opened", "closed_no_write", "deleted"):
+                    return
+                path = getattr(event, "dest_path", "") or event.src_path
+                rel = rel_of(path)
+                if rel is None or rel == ".":
+                    return
+                if event.is_directory:
+                    if event.event_type in ("created", "moved"):
+                        hints.request_rescan()  # a whole folder moved in brings no per-file events
+                    return
+                hints.add(rel, closed=event.event_type == "closed")
+
+        self._observer = Observer()
+        self._observer.daemon = True
+        self._observer.schedule(Handler(), str(inbox), recursive=True)
+        self._overflow = _OverflowWatcher(hints)
+        logging.getLogger("watchdog.observers.inotify_c").addHandler(self._overflow)
+        logging.getLogger("watchdog.observers.inotify").addHandler(self._overflow)
+
+    def start(self) -> None:
+        self._observer.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._observer.is_alive()
+
+    def stop(self) -> None:
+        logging.getLogger("watchdog.observers.inotify_c").removeHandler(self._overflow)
+        logging.getLogger("watchdog.observers.inotify").removeHandler(self._overflow)
+        self._observer.stop()
+        self._observer.join(timeout=5)
