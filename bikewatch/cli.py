@@ -123,6 +123,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_service(args)
 
 
+def cmd_sort(args: argparse.Namespace) -> int:
+    from bikewatch.config import ConfigError, load_settings, validate
+    from bikewatch.logs import configure
+    from bikewatch.sorting import run_sort
+
+    overrides = {"inbox": args.dir, "output": args.output, "log": args.log, "model": args.model}
+    try:
+        settings = validate(load_settings(args.config, overrides=overrides))
+    except ConfigError as exc:
+        return _fail(str(exc))
+    # Progress bar and summary are the interface here; the log only speaks up for problems.
+    configure("console", "warning", stream=sys.stderr)
+    return run_sort(settings, dry_run=args.dry_run, progress=sys.stderr.isatty() and not args.no_progress)
+
+
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="model file (.keras, or the seed notebook's .h5); default: the embedded model")
@@ -151,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="folder that receives mountain/, road/, rejected/")
     p.add_argument("--log", type=Path, help="CSV log (default OUTPUT/classifications.csv)")
     _add_model_arg(p)
+
+    p = add("sort", cmd_sort, "sort every photo under DIR once, exactly as the daemon would, then exit",
+            "bikewatch sort ~/camera-dump --output ~/sorted --dry-run")
+    p.add_argument("dir", type=Path, help="folder of photos (subfolders included); it is emptied of photos")
+    p.add_argument("--output", type=Path, required=True, help="folder that receives mountain/, road/, rejected/")
+    p.add_argument("--log", type=Path, help="CSV log (default OUTPUT/classifications.csv)")
+    p.add_argument("--config", type=Path, help="TOML config for the other settings")
+    _add_model_arg(p)
+    p.add_argument("--dry-run", action="store_true", help="print the planned moves, change nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = add("classify", cmd_classify, "classify photos without moving them",
             "bikewatch classify photos/ --format csv > results.csv")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime as dt
+import json
 import os
 import signal
 import sys
@@ -20,7 +21,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -82,8 +83,17 @@ class Counts:
 
 
 class Service:
-    def __init__(self, settings: Settings, notifier: Notifier) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        notifier: Notifier,
+        *,
+        oneshot: bool = False,
+        on_batch: Callable[[list[Item]], None] | None = None,
+    ) -> None:
         self.s = settings
+        self.oneshot = oneshot  # `bikewatch sort`: drain what is there, then return
+        self.on_batch = on_batch
         self.notifier = notifier
         self.log = get_logger()
         self.stop = threading.Event()
@@ -105,6 +115,7 @@ class Service:
         self._next_model_check = 0.0
         self._last_status = 0.0
         self._ready_since: dict[str, float] = {}
+        self._started_at = utc_now()
 
     # ----- start-up -------------------------------------------------------------------------
 
@@ -204,7 +215,8 @@ class Service:
         self.work = work
         try:
             self._recover(work)
-            self._start_watching()
+            if not self.oneshot:
+                self._start_watching()
             self._full_scan(time.monotonic())
             self.notifier.ready(status="watching " + str(self.s.inbox))
             self.log.info("ready", inbox=str(self.s.inbox), output=str(self.s.output), log=str(self.s.log_path),
@@ -214,6 +226,7 @@ class Service:
                 self._loop(pool)
         finally:
             self.notifier.stopping()
+            self._remove_status_file()
             if self.watcher:
                 self.watcher.stop()
             work.close()
@@ -234,12 +247,16 @@ class Service:
             stopping = self.stop.is_set()
             if stopping and not self.inflight:
                 return
+            if self.oneshot and not self.inflight and not len(self.readiness) and not self.pending:
+                return
             paths, closed, rescan = self.hints.take()
             for rel in paths:
                 self._observe(rel, now)
             for rel in closed:
                 self.readiness.mark_closed(rel)
-            if rescan or now >= next_scan or (self.watcher is not None and not self.watcher.alive):
+            if self.oneshot:
+                pass  # the start-up scan found the dump; nothing new is expected
+            elif rescan or now >= next_scan or (self.watcher is not None and not self.watcher.alive):
                 self._full_scan(now)
                 next_scan = now + (self.s.poll_interval_seconds if self.polling else self.s.rescan_seconds)
             self._maybe_reload_model(now)
@@ -306,6 +323,9 @@ class Service:
                 continue
             present.add(seen.rel)
             self.readiness.update(seen, now)
+            if self.oneshot and time.time() - seen.mtime_ns / 1e9 > self.s.settle_seconds:
+                # A dump that has sat still for longer than the settle time is complete.
+                self.readiness.mark_closed(seen.rel)
         self.readiness.retain(present)
 
     def _maybe_dispatch(self, pool: ThreadPoolExecutor, now: float) -> bool:
@@ -404,6 +424,8 @@ class Service:
         self.log.info("batch", size=len(items), classified=len(good), infer_ms=round(infer_ms, 1),
                       total_ms=round((time.monotonic() - batch.started) * 1000, 1))
         self._publish_status(time.monotonic(), force=True)
+        if self.on_batch:
+            self.on_batch(result.delivered)
 
     def _block(self, now: float) -> None:
         self.backoff = min(self.s.retry_max_seconds, max(1.0, self.backoff * 2))
@@ -449,6 +471,36 @@ class Service:
             "waiting": len(self.readiness),
         }
         self.notifier.status(format_status(counts))
+        self._write_status_file()
+
+    def _write_status_file(self) -> None:
+        """STATE/status/<worker>.json: what `bikewatch status` shows about this running worker."""
+        if not hasattr(self, "work"):
+            return
+        data = {
+            "worker": self.s.worker_name, "pid": os.getpid(), "host": os.uname().nodename,
+            "started": self._started_at, "updated": utc_now(),
+            "model": self.classifier.identity if self.classifier else "",
+            "inbox": str(self.s.inbox), "output": str(self.s.output), "log": str(self.s.log_path),
+            "counts": dict(self.counts.by_label), "reasons": dict(self.counts.reasons),
+            "batches": self.counts.batches, "waiting": len(self.readiness),
+            "last_file": self.counts.last_file, "last_error": self.counts.last_error,
+            "output_blocked": self.blocked_until > time.monotonic(), "inbox_ok": self.inbox_ok,
+        }
+        folder = self.s.state_dir / "status"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{self.work.name}.json.tmp"
+            tmp.write_text(json.dumps(data, indent=2))
+            os.replace(tmp, folder / f"{self.work.name}.json")
+        except OSError as exc:
+            self.log.debug("cannot write status file", error=str(exc))
+
+    def _remove_status_file(self) -> None:
+        try:
+            os.unlink(self.s.state_dir / "status" / f"{self.work.name}.json")
+        except (OSError, AttributeError):
+            pass
 
 
 def run_service(args: argparse.Namespace) -> int:

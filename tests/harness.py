@@ -1,0 +1,191 @@
+"""A real ``bikewatch run`` child process on temporary folders, for end-to-end tests.
+
+The harness binds a real AF_UNIX datagram socket as ``NOTIFY_SOCKET``, so a
+test waits for the service's own ``READY=1`` instead of sleeping, and polls
+the disk with deadlines instead of guessing how long things take.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+class Daemon:
+    """One ``bikewatch run`` child; ``settings`` become its TOML config file."""
+
+    def __init__(self, root: Path, *, name: str = "daemon", inbox: Path | None = None, output: Path | None = None,
+                 settings: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+                 args: Iterable[str] = ()) -> None:
+        self.root = root
+        self.name = name
+        self.inbox = inbox or root / "inbox"
+        self.output = output or root / "sorted"
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        self.config = root / f"{name}.toml"
+        base = {"inbox": str(self.inbox), "output": str(self.output), "settle_seconds": 0.3,
+                "log_format": "json", "worker_name": name}
+        base.update(settings or {})
+        self.config.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in base.items()))
+        self.env = env or {}
+        self.args = list(args)
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: list[str] = []
+        self.notifications: list[str] = []
+        self._sock: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def log_path(self) -> Path:
+        return self.output / "classifications.csv"
+
+    def start(self, *, wait_ready: bool = True, timeout: float = 90.0) -> "Daemon":
+        sock_path = self.root / f"{self.name}.notify"
+        if sock_path.exists():
+            sock_path.unlink()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(sock_path))
+        self._sock.settimeout(0.2)
+        env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "TF_CPP_MIN_LOG_LEVEL": "3",
+               "PYTHONUNBUFFERED": "1", **self.env}
+        if "WATCHDOG_USEC" not in self.env:
+            env.pop("WATCHDOG_USEC", None)
+        self.lines = []
+        self.notifications = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bikewatch", "run", "--config", str(self.config), *self.args],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            encoding="utf-8", errors="replace",
+        )
+        self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
+                         threading.Thread(target=self._read_notify, daemon=True)]
+        for t in self._threads:
+            t.start()
+        if wait_ready:
+            self.wait_ready(timeout)
+        return self
+
+    def _read_stdout(self) -> None:
+        assert self.proc and self.proc.stdout
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def _read_notify(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        while True:
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                if self.proc is None or self.proc.poll() is not None:
+                    return
+                continue
+            except OSError:
+                return
+            self.notifications.append(data.decode())
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode} before READY:\n{self.output_text()}")
+            return any("READY=1" in n for n in self.notifications)
+
+        wait_until(ready, timeout, what=f"{self.name} READY=1")
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for line in list(self.lines):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and (name is None or record.get("event") == name):
+                out.append(record)
+        return out
+
+    def output_text(self) -> str:
+        return "\n".join(self.lines[-80:])
+
+    def rows(self) -> list[dict[str, str]]:
+        return read_csv(self.log_path)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> int:
+        self.signal(signal.SIGKILL)
+        return self.wait(10)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        for t in self._threads:
+            t.join(timeout=2)
+        if self._sock:
+            self._sock.close()
+        return code
+
+    def stop_quietly(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if self._sock:
+            self._sock.close()
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def files_under(folder: Path) -> list[Path]:
+    """Regular files and links, excluding bikewatch's own state and the CSV."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d != ".bikewatch"]
+        for f in files:
+            p = Path(root) / f
+            if p.name == "classifications.csv":
+                continue
+            out.append(p)
+    return sorted(out)
