@@ -14,6 +14,7 @@ import ctypes.util
 import errno
 import os
 import shutil
+import stat
 from pathlib import Path
 
 NAME_MAX = 255
@@ -114,10 +115,11 @@ def place(src: Path, dst: Path, *, tmp_name: str) -> None:
         if exc.errno != errno.EXDEV:
             raise
     tmp = dst.with_name(tmp_name)
-    if os.path.islink(src):
-        # Links are moved as links, never followed.
-        target = os.readlink(src)
-        os.symlink(target, tmp)
+    mode = os.lstat(src).st_mode
+    if stat.S_ISLNK(mode):
+        os.symlink(os.readlink(src), tmp)  # links are moved as links, never followed
+    elif stat.S_ISFIFO(mode):
+        os.mkfifo(tmp)  # opening a FIFO to copy it would block forever; it holds no bytes
     else:
         copy_durably(src, tmp)
     try:

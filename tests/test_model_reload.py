@@ -1,0 +1,77 @@
+"""The running service switches models without a restart, and the CSV says which model sorted what."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from harness import Daemon, wait_until
+
+
+def _flipped_model(src: Path, dst: Path) -> None:
+    """Same architecture, last layer's columns swapped: a different model with a different digest."""
+    from bikewatch.model import InputContract, load_classifier, save_model
+
+    keras_model = load_classifier(src).keras_model
+    weights = keras_model.get_weights()
+    weights[-2] = weights[-2][:, ::-1].copy()
+    weights[-1] = weights[-1][::-1].copy()
+    keras_model.set_weights(weights)
+    save_model(keras_model, dst, InputContract())
+
+
+def _photo(path: Path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(path, quality=90)
+
+
+def test_model_file_replaced_or_sighup_switches_model(tmp_path: Path) -> None:
+    from bikewatch.model import default_model_path
+
+    model = tmp_path / "current.keras"
+    shutil.copy(default_model_path(), model)
+    d = Daemon(tmp_path, settings={"model": str(model)}).start()
+    try:
+        _photo(d.inbox / "first.jpg", 1)
+        wait_until(lambda: len(d.rows()) == 1, 30, what="first photo sorted")
+        first_model = d.rows()[0]["model"]
+        assert first_model.startswith("current@")
+
+        # Replace the file atomically, as the README tells people to.
+        staged = tmp_path / "staged.keras"
+        _flipped_model(model, staged)
+        os.replace(staged, model)
+        switched = wait_until(lambda: d.events("model switched"), 30, what="model switched event")
+        assert switched[0]["previous"] == first_model
+        new_model = switched[0]["model"]
+        assert new_model != first_model
+
+        _photo(d.inbox / "second.jpg", 2)
+        wait_until(lambda: len(d.rows()) == 2, 30, what="second photo sorted")
+        second = d.rows()[1]
+        assert second["model"] == new_model
+
+        # A broken replacement is refused and the current model stays.
+        broken = tmp_path / "broken.keras"
+        broken.write_text("not a model")
+        os.replace(broken, model)
+        wait_until(lambda: d.events("model reload failed; keeping the current model"), 30,
+                   what="reload failure logged")
+        _photo(d.inbox / "third.jpg", 3)
+        wait_until(lambda: len(d.rows()) == 3, 30, what="third photo sorted with the old model")
+        assert d.rows()[2]["model"] == new_model
+
+        # SIGHUP reloads on request (systemctl reload); the file is fixed first.
+        _flipped_model(default_model_path(), staged)
+        os.replace(staged, model)
+        before = len(d.events("model switched"))
+        d.signal(signal.SIGHUP)
+        wait_until(lambda: len(d.events("model switched")) > before, 30, what="switch after SIGHUP")
+        assert d.terminate() == 0
+    finally:
+        d.stop_quietly()
