@@ -34,7 +34,7 @@ from bikewatch.journal import (
 from bikewatch.ledger import Ledger
 from bikewatch.logs import configure, get_logger
 from bikewatch.model import CLASSES, Classifier, ModelError, load_classifier
-from bikewatch.systemd import Notifier, format_status
+from bikewatch.systemd import Notifier, adapt_tensorflow_to_wx, format_status
 from bikewatch.watching import (
     Hints, InboxWatcher, Readiness, is_ignored, mount_fstype, needs_polling, observe, scan,
 )
@@ -167,12 +167,15 @@ class Service:
             return
         self.reload.clear()
         old = self.classifier.identity if self.classifier else ""
+        self.notifier.reloading()
         try:
             new = self._load_model()
         except (ModelError, OSError) as exc:
             self._model_stat = self._stat_model()
             self.log.error("model reload failed; keeping the current model", error=str(exc), model=old)
             return
+        finally:
+            self.notifier.ready()
         self.classifier = new
         self.log.info("model switched", previous=old, model=new.identity)
 
@@ -511,6 +514,8 @@ def run_service(args: argparse.Namespace) -> int:
         print(f"bikewatch: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure(settings.log_format, settings.log_level)
+    if adapt_tensorflow_to_wx():  # before TensorFlow is imported
+        get_logger().info("W^X memory policy detected: oneDNN JIT off (TF_ENABLE_ONEDNN_OPTS=0)")
     notifier = Notifier.from_environ()
     try:
         return Service(settings, notifier).run()

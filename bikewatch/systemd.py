@@ -25,14 +25,15 @@ This module only uses the standard library and never starts threads.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from types import TracebackType
 from typing import Final
 
-__all__ = ["Notifier", "format_status"]
+__all__ = ["Notifier", "format_status", "write_execute_denied", "adapt_tensorflow_to_wx"]
 
 log = logging.getLogger(__name__)
 
@@ -265,3 +266,40 @@ def format_status(counts: Mapping[str, int | Mapping[str, int]]) -> str:
         else:
             parts.append(f"{label} {int(value)}")
     return ", ".join(parts)
+
+
+def write_execute_denied() -> bool:
+    """Return True if this process may not create writable+executable memory.
+
+    That is the case under systemd's MemoryDenyWriteExecute=yes (seccomp in
+    systemd <= 253, prctl(PR_SET_MDWE) from 254 on) and under SELinux
+    deny_execmem. Probed by mapping (and immediately unmapping) one anonymous
+    W+X page: cheap, and it tests the exact thing a JIT needs.
+    """
+    try:
+        page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except OSError:
+        return True
+    page.close()
+    return False
+
+
+def adapt_tensorflow_to_wx(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Under W^X, turn off TensorFlow's oneDNN JIT rewrite; returns True if it did.
+
+    With oneDNN opts on, every Conv2D fails under W^X ("could not create a
+    primitive") - the service would reject every photo. With
+    TF_ENABLE_ONEDNN_OPTS=0 TensorFlow runs Eigen kernels and oneDNN's
+    non-JIT GEMM: same results, slower (see docs/systemd.md). Must run
+    before ``import tensorflow``. A no-op when W+X memory is allowed, so an
+    explicit TF_ENABLE_ONEDNN_OPTS=1 is honoured wherever it can work.
+    """
+    if not write_execute_denied():
+        return False
+    if environ.get("TF_ENABLE_ONEDNN_OPTS") != "0":
+        log.warning(
+            "writable+executable memory is denied (MemoryDenyWriteExecute=yes?): "
+            "setting TF_ENABLE_ONEDNN_OPTS=0, oneDNN's JIT cannot work here"
+        )
+        environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
+    return True
