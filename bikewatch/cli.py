@@ -60,6 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.out.suffix != ".keras":
         return _fail(f"--out must end in .keras (got {args.out})")
+    if args.log is not None and not args.log.is_file():
+        return _fail(f"--log: CSV log not found: {args.log}")
     base = None
     if args.fine_tune:
         try:
@@ -67,12 +69,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ModelError as exc:
             return _fail(str(exc))
     try:
-        train_command(
+        card = train_command(
             args.data_dir, args.out, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
             val_split=args.val_split, augment=not args.no_augment, base=base,
         )
     except (FileNotFoundError, ValueError) as exc:
         return _fail(str(exc))
+    if args.log is not None:  # accuracy on the photos people moved, before and after
+        from bikewatch.corrections import evaluate_corrections
+        from bikewatch.training import write_card
+
+        card["corrections"] = evaluate_corrections(args.log, before=base, after=load_classifier(args.out))
+        write_card(card, args.out)
     return EXIT_OK
 
 
@@ -138,6 +146,74 @@ def cmd_sort(args: argparse.Namespace) -> int:
     return run_sort(settings, dry_run=args.dry_run, progress=sys.stderr.isatty() and not args.no_progress)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bikewatch.bench import run_bench
+
+    return run_bench(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from bikewatch.config import ConfigError
+    from bikewatch.corrections import resolve_log
+    from bikewatch.ledger import read_rows
+    from bikewatch.report import parse_since, write_report
+
+    if args.out.suffix.lower() not in (".png", ".html", ".htm"):
+        return _fail(f"--out must end in .png or .html (got {args.out})")
+    if args.limit < 0:
+        return _fail("--limit must not be negative")
+    try:
+        log = resolve_log(args.log, args.config)
+        since = parse_since(args.since) if args.since else None
+    except (ConfigError, ValueError) as exc:
+        return _fail(str(exc))
+    if not log.is_file():
+        return _fail(f"CSV log not found: {log}")
+    try:
+        sheet = write_report(read_rows(log), args.out, since=since, limit=args.limit, log=str(log))
+    except OSError as exc:
+        return _fail(f"cannot write {args.out}: {exc.strerror or exc}")
+    shown = sum(len(g.entries) for g in sheet.groups)
+    left = sum(g.omitted for g in sheet.groups)
+    counts = ", ".join(f"{g.label} {g.total}" for g in sheet.groups)
+    print(f"wrote {args.out}: {shown} thumbnails ({counts}), {sheet.rejected_total} rejected"
+          + (f"; {left} thumbnails left out by --limit {args.limit}" if left else ""))
+    return EXIT_OK
+
+
+def cmd_corrections(args: argparse.Namespace) -> int:
+    import csv
+
+    from bikewatch.config import ConfigError
+    from bikewatch.corrections import find_corrections_in_log, format_table, resolve_log, summary
+
+    try:
+        log = resolve_log(args.log, args.config)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if not log.is_file():
+        return _fail(f"CSV log not found: {log}")
+    findings = find_corrections_in_log(log)
+    if args.format == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["file", "logged_label", "current_label", "confidence", "path"])
+        for c in findings.corrections:
+            writer.writerow([c.display, c.logged, c.current, "" if c.confidence is None else f"{c.confidence:.6f}",
+                             str(c.path)])
+        print(summary(findings), file=sys.stderr)
+    else:
+        if findings.corrections:
+            print(format_table(findings))
+        print(summary(findings))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from bikewatch.status import run_status
+
+    return run_status(args)
+
+
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="model file (.keras, or the seed notebook's .h5); default: the embedded model")
@@ -195,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-augment", action="store_true", help="train on the photos as they are")
     p.add_argument("--fine-tune", metavar="MODEL", nargs="?", const="default",
                    help="start from MODEL (default: the embedded model) instead of random weights")
+    p.add_argument("--log", type=Path, metavar="CSV",
+                   help="bikewatch's CSV log: also report accuracy on the photos people moved to the other "
+                        "class folder (before and after, with --fine-tune); DATA_DIR is then usually OUTPUT")
 
     p = add("evaluate", cmd_evaluate, "accuracy, confusion matrix, precision/recall and misses on class folders",
             "bikewatch evaluate ../shared/data/bikes/test")
@@ -203,6 +282,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kfold", type=int, metavar="K", help="K-fold cross-validation of fresh models (the seed used 10)")
     p.add_argument("--epochs", type=int, default=20, help="epochs per fold with --kfold")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add("bench", cmd_bench, "benchmark: naive loop vs decode/inference roofline vs a real daemon",
+            "bikewatch bench --photos 2000 --json bench.json")
+    from bikewatch.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(p)
+
+    p = add("report", cmd_report, "contact sheet of sorted photos (least certain first) and rejected files",
+            "bikewatch report --config /etc/bikewatch/bikewatch.toml --since today --out today.html")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--log", type=Path, metavar="CSV", help="the CSV log to read")
+    src.add_argument("--config", type=Path, metavar="FILE",
+                     help="TOML config: read its log (default OUTPUT/classifications.csv)")
+    p.add_argument("--since", metavar="WHEN",
+                   help="only files sorted since WHEN: ISO date/time (2024-05-01, 2024-05-01T08:00; local time "
+                        "unless it names a zone), 90m, 24h, 7d, 2w, today or yesterday")
+    p.add_argument("--limit", type=int, default=200, help="at most this many thumbnails per label (default 200)")
+    p.add_argument("--out", type=Path, required=True, help="sheet.png (Pillow) or sheet.html (self-contained)")
+
+    p = add("corrections", cmd_corrections, "photos people moved to another label folder after sorting",
+            "bikewatch corrections --log /srv/bikewatch/sorted/classifications.csv")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--log", type=Path, metavar="CSV", help="the CSV log to read")
+    src.add_argument("--config", type=Path, metavar="FILE",
+                     help="TOML config: read its log (default OUTPUT/classifications.csv)")
+    p.add_argument("--format", choices=("table", "csv"), default="table")
+
+    p = add("status", cmd_status, "is the service running, files waiting, counts today and in total, last error",
+            "bikewatch status --config /etc/bikewatch/bikewatch.toml")
+    p.epilog += ("\n\nexit status (like systemctl status):\n  0  running\n  3  not running "
+                 "(also when only a stale status file of a dead worker is left)\n  2  the configuration cannot be read")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="TOML config file (default: BIKEWATCH_CONFIG, else built-in defaults)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 

@@ -52,6 +52,8 @@ class Settings:
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     worker_name: str = field(default_factory=socket.gethostname)
     metrics_textfile: Path | None = None
+    metrics_port: int = 0  # 0 = off
+    metrics_address: str = "127.0.0.1"
     watch_model: bool = True
 
     @property
@@ -74,7 +76,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 _BOOLS = {"watch_model"}
 _POSITIVE = {"settle_seconds", "max_batch", "rescan_seconds", "poll_interval_seconds", "max_pixels", "retry_max_seconds"}
-_NON_NEGATIVE = {"closed_settle_seconds", "max_wait_ms", "decode_workers", "unsure_below"}
+_NON_NEGATIVE = {"closed_settle_seconds", "max_wait_ms", "decode_workers", "unsure_below", "metrics_port"}
 
 
 def coerce(name: str, value: Any, origin: str) -> Any:
@@ -116,7 +118,9 @@ def coerce(name: str, value: Any, origin: str) -> Any:
                 raise ValueError(f"must be one of {', '.join(_CHOICES[name])}, not {value!r}")
             return text
         kind = _FIELDS[name].type
-        if kind == "int" or name in ("max_batch", "decode_workers", "max_pixels"):
+        if name == "metrics_address":
+            return str(value).strip()
+        if kind == "int" or name in ("max_batch", "decode_workers", "max_pixels", "metrics_port"):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(f"expected a whole number, not {value!r}")
             number: float = int(value)
@@ -129,6 +133,8 @@ def coerce(name: str, value: Any, origin: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError(f"expected a number, not {value!r}")
             number = float(value)
+            if number != number or number in (float("inf"), float("-inf")):
+                raise ValueError(f"expected a finite number, not {value!r}")  # nan would never settle
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
     if name in _POSITIVE and number <= 0:
@@ -200,6 +206,13 @@ def load_settings(
     return Settings(**values)
 
 
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _inside(child: Path, parent: Path) -> bool:
     try:
         child.resolve().relative_to(parent.resolve())
@@ -226,7 +239,8 @@ def validate(settings: Settings) -> Settings:
     parent = output if output.exists() else output.parent
     if not parent.exists():
         raise ConfigError(f"setting 'output': neither {output} nor its parent folder exists")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not os.access(parent, os.W_OK | os.X_OK) and not _read_only_fs(parent):
+        # A read-only *filesystem* is an outage, not a setting: the service starts and waits for it.
         raise ConfigError(f"setting 'output': no write permission on {parent}")
     if settings.model is not None and not settings.model.is_file():
         raise ConfigError(f"setting 'model': file not found: {settings.model}")

@@ -42,8 +42,10 @@ def fit_name(stem: str, tail: str) -> str:
     budget = NAME_MAX - len(tail.encode("utf-8", "surrogateescape"))
     raw = stem.encode("utf-8", "surrogateescape")
     if len(raw) > budget:
-        raw = raw[:budget]
-        stem = raw.decode("utf-8", "ignore")  # drop a split multi-byte character
+        # Drop whole characters from the end: never split a multi-byte one, and keep the
+        # bytes of a non-UTF-8 name (surrogate escapes), which decode(errors="ignore") would drop.
+        while len(stem.encode("utf-8", "surrogateescape")) > budget:
+            stem = stem[:-1]
     return stem + tail
 
 
@@ -121,7 +123,16 @@ def place(src: Path, dst: Path, *, tmp_name: str) -> None:
     elif stat.S_ISFIFO(mode):
         os.mkfifo(tmp)  # opening a FIFO to copy it would block forever; it holds no bytes
     else:
-        copy_durably(src, tmp)
+        try:
+            copy_durably(src, tmp)
+        except BaseException as exc:
+            # A full or failing output: never leave a partial copy behind (it takes the space we need).
+            if not isinstance(exc, FileExistsError):
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+            raise
     try:
         rename_noreplace(tmp, dst)
     except BaseException:

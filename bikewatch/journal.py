@@ -280,7 +280,12 @@ def settle(
             continue
         while True:
             try:
+                # Not in the try below: mkdir's FileExistsError (a *file* named like the label
+                # folder) is no name collision, and retrying it would loop forever.
                 dest.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DeliveryError(exc.errno, f"cannot deliver to {dest.parent}: {exc.strerror}") from exc
+            try:
                 place(work, dest, tmp_name=_partial_name(item))
                 break
             except FileExistsError:

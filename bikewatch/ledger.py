@@ -44,8 +44,13 @@ class Row:
 
 
 def _text(value: str) -> str:
-    # File names may hold bytes that are not UTF-8 (surrogate escapes): keep them visible.
-    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    # File names may hold bytes that are not UTF-8 (surrogate escapes): keep them visible
+    # as the bytes they are ("\\xff"), not as Python's internal surrogate ("\\udcff").
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        raw = value.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def render(rows: Iterable[Row], *, header: bool) -> bytes:
@@ -98,8 +103,17 @@ class Ledger:
             tail = os.read(fd, tail_len)
             if tail.endswith(b"\n"):
                 return False
-            cut = tail.rfind(b"\n")
-            new_size = size - tail_len + cut + 1 if cut >= 0 else 0
+            # The last complete line may lie before this window (a long torn batch, or a tail of
+            # NULs after a power cut): look further back rather than cutting the whole file.
+            end, new_size = size, 0
+            while end > 0:
+                start = max(0, end - (1 << 16))
+                os.lseek(fd, start, os.SEEK_SET)
+                cut = os.read(fd, end - start).rfind(b"\n")
+                if cut >= 0:
+                    new_size = start + cut + 1
+                    break
+                end = start
             os.ftruncate(fd, new_size)
             os.fsync(fd)
             return True

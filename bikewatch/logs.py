@@ -14,6 +14,11 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
     """``fmt`` is auto, json or console; auto means console only when ``stream`` is a terminal."""
     stream = stream or sys.stdout
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is not None:
+        # A file name that is not UTF-8 (surrogate escapes) must never crash a log call, even
+        # under a strict UTF-8 locale (LANG=en_US.UTF-8 under systemd): write it as "\udcff".
+        reconfigure(errors="backslashreplace")
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=stream.isatty())

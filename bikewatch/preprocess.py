@@ -107,7 +107,7 @@ def _describe_decode_error(exc: BaseException) -> str:
 
 
 def _to_array(image: Image.Image) -> np.ndarray:
-    if image.format == "JPEG":
+    if image.format in ("JPEG", "MPO"):  # MPO: JPEGs with an MPF block (many phone photos)
         # DCT-domain downscaling: a 1000x600 JPEG decodes at 125x75, 1/64 of the work.
         # draft() keeps the result at least SIZE on each side, so quality is unchanged.
         image.draft("RGB" if image.mode not in ("L", "CMYK") else image.mode, (SIZE, SIZE))

@@ -29,14 +29,15 @@ from bikewatch.batching import LABEL_REJECTED, LABEL_UNSURE, Prepared, decide, d
 from bikewatch.config import ConfigError, Settings, describe, load_settings, validate
 from bikewatch.journal import (
     PHASE_CLAIMED, PHASE_DECIDED, DeliveryError, Item, Journal, WorkArea, claim, free_name, recover_dir,
-    return_to_inbox, settle, write_journal,
+    journals, return_to_inbox, settle, write_journal,
 )
 from bikewatch.ledger import Ledger
+from bikewatch.metrics import Metrics
 from bikewatch.logs import configure, get_logger
 from bikewatch.model import CLASSES, Classifier, ModelError, load_classifier
 from bikewatch.systemd import Notifier, adapt_tensorflow_to_wx, format_status
 from bikewatch.watching import (
-    Hints, InboxWatcher, Readiness, is_ignored, mount_fstype, needs_polling, observe, scan,
+    Hints, InboxWatcher, Readiness, Seen, is_ignored, mount_fstype, needs_polling, observe, scan,
 )
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
@@ -102,9 +103,12 @@ class Service:
         self.readiness = Readiness(settings.settle_seconds, settings.closed_settle_seconds)
         self.ledger = Ledger(settings.log_path)
         self.counts = Counts()
+        self.metrics = Metrics()
+        self._last_metrics = 0.0
         self.inflight: collections.deque[InFlight] = collections.deque()
         self.taken: set[str] = set()  # inbox paths claimed or being claimed
         self.pending: list[Path] = []  # journals whose delivery must be retried
+        self.orphans_left = False  # a dead worker's folder could not be recovered yet (output unusable)
         self.blocked_until = 0.0
         self.backoff = 0.0
         self.inbox_ok = True
@@ -177,15 +181,34 @@ class Service:
         finally:
             self.notifier.ready()
         self.classifier = new
+        self.metrics.set_model(new.identity)
         self.log.info("model switched", previous=old, model=new.identity)
 
     def _recover(self, work: WorkArea) -> None:
         def on_return(item: Item, why: str) -> None:
             self.log.info("returned to inbox", source=item.source, reason=why)
 
+        self.orphans_left = False
         for folder in work.orphaned_dirs():
-            res = recover_dir(folder, inbox=self.s.inbox, output=self.s.output, ledger=self.ledger,
-                              digest=digest_file, on_return=on_return)
+            try:
+                res = recover_dir(folder, inbox=self.s.inbox, output=self.s.output, ledger=self.ledger,
+                                  digest=digest_file, on_return=on_return)
+            except OSError as exc:
+                # The output (or the CSV) cannot take them now; crashing here would only loop.
+                # Still holding the folder's lock: send what was not placed back to the inbox;
+                # placed files whose rows are owed stay journalled until a retry succeeds.
+                self.orphans_left = True
+                for journal_path in journals(folder):
+                    try:
+                        return_to_inbox(journal_path, folder, inbox=self.s.inbox)
+                    except OSError:
+                        pass
+                first = not self.backoff
+                self._block(time.monotonic())
+                (self.log.error if first else self.log.debug)(
+                    "output unavailable; photos stay in the inbox, retrying", error=str(exc),
+                    folder=folder.name, retry_in_s=self.backoff)
+                continue
             self.log.info("recovered work of a stopped worker", folder=folder.name,
                           delivered=len(res.delivered), returned=len(res.returned))
 
@@ -207,16 +230,23 @@ class Service:
         self.log.info("device", device=device)
         try:
             self.classifier = self._load_model()
+            self.metrics.set_model(self.classifier.identity)
         except ModelError as exc:
             self.log.error("cannot load model", error=str(exc))
             return EXIT_CONFIG
         folders = [*CLASSES, LABEL_REJECTED] + ([LABEL_UNSURE] if self.s.unsure_below > 0 else [])
         for name in folders:
             (self.s.output / name).mkdir(parents=True, exist_ok=True)
-        self.ledger.repair_tail()
+        try:
+            self.ledger.repair_tail()
+        except OSError as exc:  # a read-only or vanished output must not stop start-up; we wait for it
+            self.log.warning("cannot check the CSV log's last line", log=str(self.s.log_path), error=str(exc))
         work = WorkArea(self.s.state_dir, self.s.worker_name)
         self.work = work
         try:
+            if self.s.metrics_port:
+                self.metrics.serve(self.s.metrics_port, self.s.metrics_address)
+                self.log.info("metrics served", address=self.s.metrics_address, port=self.s.metrics_port)
             self._recover(work)
             if not self.oneshot:
                 self._start_watching()
@@ -230,9 +260,11 @@ class Service:
         finally:
             self.notifier.stopping()
             self._remove_status_file()
+            self._write_metrics(time.monotonic())
+            self.metrics.close()
             if self.watcher:
                 self.watcher.stop()
-            work.close()
+            self.work.close()  # may be a newer one than `work` (see _renew_work_area)
         self.log.info("stopped", **self._summary())
         return EXIT_OK
 
@@ -263,10 +295,12 @@ class Service:
                 self._full_scan(now)
                 next_scan = now + (self.s.poll_interval_seconds if self.polling else self.s.rescan_seconds)
             self._maybe_reload_model(now)
-            if self.pending and now >= self.blocked_until:
+            if (self.pending or self.orphans_left) and now >= self.blocked_until:
                 self._retry_pending(now)
             # Keep up to two batches in flight: one decoding while the model works on the other.
-            while len(self.inflight) < 2 and not stopping and now >= self.blocked_until and self.inbox_ok:
+            # Nothing new is taken while an earlier batch still waits for the output or the CSV.
+            while (len(self.inflight) < 2 and not stopping and now >= self.blocked_until and self.inbox_ok
+                   and not self.pending and not self.orphans_left):
                 if not self._maybe_dispatch(pool, now):
                     break
             if self.inflight:
@@ -320,6 +354,8 @@ class Service:
                 self.watcher.stop()
                 self.watcher = InboxWatcher(self.s.inbox, self.hints, self.s.state_dir)
                 self.watcher.start()
+        if not self.work.dir.is_dir():
+            self._renew_work_area()
         present = set()
         for seen in found:
             if seen.rel in self.taken:
@@ -330,6 +366,27 @@ class Service:
                 # A dump that has sat still for longer than the settle time is complete.
                 self.readiness.mark_closed(seen.rel)
         self.readiness.retain(present)
+
+    def _renew_work_area(self) -> bool:
+        """Our work folder vanished (the inbox's filesystem was unmounted or replaced): start a new one.
+
+        Without this every claim would fail for ever once the inbox is back. Never creates a
+        missing inbox (that would stop it from being moved back).
+        """
+        old = self.work
+        try:
+            self.s.state_dir.mkdir(exist_ok=True)
+            self.work = WorkArea(self.s.state_dir, self.s.worker_name)
+        except OSError as exc:
+            self.log.debug("cannot start a new work folder yet", error=str(exc))
+            return False
+        old.close()
+        # Batches journalled in the vanished folder went with it; waiting for them would block for ever.
+        self.pending = [p for p in self.pending if p.parent != old.dir]
+        self.log.error("work folder vanished with the inbox's filesystem; started a new one",
+                       previous=old.name, folder=self.work.name)
+        self._recover(self.work)
+        return True
 
     def _maybe_dispatch(self, pool: ThreadPoolExecutor, now: float) -> bool:
         ready = [s for s in self.readiness.ready(now) if s.rel not in self.taken]
@@ -347,6 +404,15 @@ class Service:
                                stopping=self.stop.is_set()):
             return False
         chosen = ready[: self.s.max_batch]
+        # Look once more before claiming: the last observation can be older than the settle
+        # time (polling sees a file once per poll interval), and a slow writer may have
+        # appended since. Taking it now would classify, and move, a half-written file.
+        chosen = [s for s in chosen if self._unchanged(s)]
+        if not chosen:
+            return False
+        if not self.work.dir.is_dir() and not self._renew_work_area():
+            self._block(now)
+            return False
         batch_id = self.work.new_batch_id()
         items = tuple(Item(key=f"{batch_id}.{i:04d}", source=s.rel) for i, s in enumerate(chosen))
         assert self.classifier is not None
@@ -368,6 +434,20 @@ class Service:
         self.taken.update(it.source for it in journal.items)
         self.inflight.append(InFlight(journal, path, futures, now))
         return True
+
+    def _unchanged(self, s: Seen) -> bool:
+        """True when ``s`` still describes the file; otherwise its settle time starts again."""
+        seen = observe(self.s.inbox, s.rel)
+        if seen is not None and (seen.size, seen.mtime_ns, seen.ino, seen.regular) == (
+            s.size, s.mtime_ns, s.ino, s.regular
+        ):
+            return True
+        self._ready_since.pop(s.rel, None)
+        if seen is None:
+            self.readiness.forget(s.rel)
+        else:
+            self.readiness.update(seen, time.monotonic())
+        return False
 
     def _finish(self, batch: InFlight) -> None:
         assert self.classifier is not None
@@ -414,7 +494,9 @@ class Service:
             self.log.info("output available again", output=str(self.s.output))
             self.backoff = 0.0
         self.counts.batches += 1
+        self.metrics.observe_batch(len(items), time.monotonic() - batch.started)
         for item in result.delivered:
+            self.metrics.count(item.label, item.error)
             self.counts.by_label[item.label] += 1
             self.counts.last_file = item.dest
             if item.error:
@@ -447,15 +529,20 @@ class Service:
             self.log.debug(msg, **fields)
 
     def _retry_pending(self, now: float) -> None:
+        if self.orphans_left:
+            self._recover(self.work)
         still: list[Path] = []
         for path in self.pending:
             if not path.exists():
+                if not path.parent.is_dir():
+                    still.append(path)  # the inbox (with our work folder) is away; it may come back
                 continue
             try:
                 res = settle(path, self.work.dir, inbox=self.s.inbox, output=self.s.output, ledger=self.ledger,
                              digest=digest_file)
                 for item in res.delivered:
                     self.counts.by_label[item.label] += 1
+                    self.metrics.count(item.label, item.error)
             except OSError as exc:
                 still.append(path)
                 self.log.debug("retry failed", error=str(exc))
@@ -475,6 +562,19 @@ class Service:
         }
         self.notifier.status(format_status(counts))
         self._write_status_file()
+        self.metrics.set_backlog(len(self.readiness))
+        self.metrics.set_blocked(self.blocked_until > time.monotonic())
+        if not force or now - self._last_metrics >= 1.0:  # forced after every batch: at most 1/s
+            self._write_metrics(now)
+
+    def _write_metrics(self, now: float) -> None:
+        if self.s.metrics_textfile is None:
+            return
+        self._last_metrics = now
+        try:
+            self.metrics.write_textfile(self.s.metrics_textfile)
+        except OSError as exc:
+            self.log.warning("cannot write metrics textfile", path=str(self.s.metrics_textfile), error=str(exc))
 
     def _write_status_file(self) -> None:
         """STATE/status/<worker>.json: what `bikewatch status` shows about this running worker."""

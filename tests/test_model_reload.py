@@ -35,7 +35,9 @@ def test_model_file_replaced_or_sighup_switches_model(tmp_path: Path) -> None:
 
     model = tmp_path / "current.keras"
     shutil.copy(default_model_path(), model)
-    d = Daemon(tmp_path, settings={"model": str(model)}).start()
+    prom = tmp_path / "metrics" / "bikewatch.prom"
+    prom.parent.mkdir()
+    d = Daemon(tmp_path, settings={"model": str(model), "metrics_textfile": str(prom)}).start()
     try:
         _photo(d.inbox / "first.jpg", 1)
         wait_until(lambda: len(d.rows()) == 1, 30, what="first photo sorted")
@@ -73,5 +75,14 @@ def test_model_file_replaced_or_sighup_switches_model(tmp_path: Path) -> None:
         d.signal(signal.SIGHUP)
         wait_until(lambda: len(d.events("model switched")) > before, 30, what="switch after SIGHUP")
         assert d.terminate() == 0
+
+        # The node_exporter textfile tells the same story as the CSV.
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families = {f.name: f for f in text_string_to_metric_families(prom.read_text())}
+        photos = sum(s.value for s in families["bikewatch_photos"].samples if s.name == "bikewatch_photos_total")
+        assert photos == 3
+        infos = [s.labels.get("model") for s in families["bikewatch_model_info"].samples]
+        assert infos and infos[-1].startswith("current@")
     finally:
         d.stop_quietly()

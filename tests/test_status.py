@@ -1,0 +1,203 @@
+"""``bikewatch status``: running or not (exit 0 / 3), files waiting, counts, last file and error."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from harness import wait_until  # tests/ is on sys.path (conftest)
+
+from bikewatch.cli import build_parser, main
+from bikewatch.ledger import Ledger, Row
+from bikewatch.status import judge, summarize
+
+UTC = dt.timezone.utc
+HOST = os.uname().nodename
+
+
+def iso(when: dt.datetime) -> str:
+    return when.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def row(when: dt.datetime, name: str, label: str, conf: str = "0.900000", error: str = "") -> Row:
+    return Row(timestamp=iso(when), source=f"/in/{name}", destination=f"/out/{label}/{name}", label=label,
+               confidence=conf, p_mountain="", p_road="", sha256="", model="bikes@test", error=error,
+               size_bytes="10", id=name, worker="w")
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> dict[str, Path]:
+    """A config, an inbox with waiting files (and some that are ignored), and a CSV log."""
+    inbox, out = tmp_path / "inbox", tmp_path / "sorted"
+    for rel in ("a.jpg", "DCIM/b.jpg", "notes.txt", "upload.jpg.part", ".hidden.jpg", ".bikewatch/work/x/claimed.jpg"):
+        (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
+        (inbox / rel).write_bytes(b"x")
+    now = dt.datetime.now(UTC)
+    old = now - dt.timedelta(days=3)
+    Ledger(out / "classifications.csv").append([
+        row(old, "old1.jpg", "mountain"), row(old, "old2.jpg", "rejected", "", "empty file"),
+        row(now - dt.timedelta(seconds=2), "new1.jpg", "road"),
+        row(now - dt.timedelta(seconds=1), "broken.jpg", "rejected", "", "truncated image: 65 bytes not processed"),
+        row(now, "last.jpg", "mountain", "0.612300"),
+    ])
+    config = tmp_path / "bw.toml"
+    config.write_text(f'inbox = "{inbox}"\noutput = "{out}"\nworker_name = "w1"\n')
+    return {"inbox": inbox, "out": out, "config": config, "state": inbox / ".bikewatch"}
+
+
+def write_status(state: Path, pid: int, *, host: str = HOST, updated: dt.datetime | None = None) -> Path:
+    folder = state / "status"
+    folder.mkdir(parents=True, exist_ok=True)
+    now = updated or dt.datetime.now(UTC)
+    data = {"worker": "w1", "pid": pid, "host": host, "started": iso(now - dt.timedelta(hours=1)),
+            "updated": iso(now), "model": "bikes@06d8442773a2", "inbox": "", "output": "", "log": "",
+            "counts": {"road": 1}, "reasons": {}, "batches": 1, "waiting": 0, "last_file": "", "last_error": "",
+            "output_blocked": False, "inbox_ok": True}
+    path = folder / f"w1-{pid}-abc123.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture
+def live_bikewatch_process() -> Iterator[subprocess.Popen[bytes]]:
+    """A real live process whose command line names bikewatch (it waits on its stdin)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "bikewatch"], stdin=subprocess.PIPE)
+    yield proc
+    assert proc.stdin is not None
+    proc.stdin.close()
+    proc.wait(10)
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(10)
+    return proc.pid
+
+
+def test_not_running_counts_waiting_files_and_log(site: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--config", str(site["config"])]) == 3
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "bikewatch: not running"
+    assert f"{site['inbox']}: 3 files waiting" in out  # a.jpg, DCIM/b.jpg, notes.txt: not .part, hidden, state
+    today = next(line for line in lines if line.startswith("today"))
+    total = next(line for line in lines if line.startswith("total"))
+    assert "mountain 1, road 1, unsure 0, rejected 1  (3 files)" in today
+    assert "mountain 2, road 1, unsure 0, rejected 2  (5 files)" in total
+    assert "last.jpg -> mountain/last.jpg (0.612)" in out
+    assert "broken.jpg: truncated image: 65 bytes not processed" in out
+
+
+def test_stale_status_file_of_a_dead_worker(site: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    pid = dead_pid()
+    write_status(site["state"], pid)
+    assert main(["status", "--config", str(site["config"])]) == 3
+    assert capsys.readouterr().out.splitlines()[0] == f"bikewatch: not running (stale status from pid {pid})"
+
+
+def test_running_worker(site: dict[str, Path], live_bikewatch_process: subprocess.Popen[bytes],
+                        capsys: pytest.CaptureFixture[str]) -> None:
+    pid = live_bikewatch_process.pid
+    write_status(site["state"], pid)
+    (site["state"] / "status" / f".w1-{pid}-abc123.json.tmp").write_text("{half written")  # never read
+    assert main(["status", "--config", str(site["config"])]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("bikewatch: running (1 worker)\n")
+    assert f"worker w1: pid {pid} on {HOST}" in out and "model bikes@06d8442773a2" in out
+
+    assert main(["status", "--config", str(site["config"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["running"] is True and info["waiting"] == 3
+    assert info["total"] == {"mountain": 2, "road": 1, "rejected": 2}
+    assert info["workers"][0]["pid"] == pid and info["last"]["source"] == "/in/last.jpg"
+
+
+def test_killed_worker_not_yet_reaped_is_not_running(site: dict[str, Path],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """After kill -9 the process is a zombie until its parent reaps it: it still has a pid, but is dead."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "bikewatch"], stdin=subprocess.PIPE)
+    try:
+        write_status(site["state"], proc.pid)
+        proc.kill()
+        wait_until(lambda: Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+                   10, what="zombie")
+        assert main(["status", "--config", str(site["config"])]) == 3
+        assert capsys.readouterr().out.splitlines()[0] == f"bikewatch: not running (stale status from pid {proc.pid})"
+    finally:
+        proc.wait(10)
+
+
+def test_pid_now_used_by_another_program_is_stale(site: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        write_status(site["state"], other.pid)
+        assert main(["status", "--config", str(site["config"])]) == 3
+        assert "that pid is now another program" in capsys.readouterr().out
+    finally:
+        assert other.stdin is not None
+        other.stdin.close()
+        other.wait(10)
+
+
+def test_worker_on_another_host_judged_by_freshness() -> None:
+    now = dt.datetime(2024, 5, 2, 12, 0, tzinfo=UTC)
+    fresh = {"pid": 1, "host": "elsewhere", "updated": iso(now - dt.timedelta(seconds=20))}
+    old = {"pid": 1, "host": "elsewhere", "updated": iso(now - dt.timedelta(hours=2))}
+    running, note = judge(fresh, hostname="here", now=now)
+    assert running and "on host elsewhere" in note
+    running, note = judge(old, hostname="here", now=now)
+    assert not running and note.startswith("stale status from pid 1 on host elsewhere")
+
+
+def test_summarize_today_total_last_and_last_error() -> None:
+    day = dt.datetime(2024, 5, 2, 12, 0).astimezone()  # local noon
+    rows = [
+        {"timestamp": iso(day - dt.timedelta(days=1)), "label": "road", "error": ""},
+        {"timestamp": iso(day), "label": "rejected", "error": "empty file", "source": "/in/e.jpg"},
+        {"timestamp": iso(day + dt.timedelta(minutes=1)), "label": "mountain", "error": "", "source": "/in/m.jpg"},
+        {"timestamp": iso(day - dt.timedelta(minutes=5)), "label": "road", "error": ""},  # another worker, late
+    ]
+    s = summarize(rows, day.date())
+    assert s.today == {"rejected": 1, "mountain": 1, "road": 1}
+    assert s.total == {"road": 2, "rejected": 1, "mountain": 1}
+    assert s.last is not None and s.last["source"] == "/in/m.jpg"
+    assert s.last_error is not None and s.last_error["error"] == "empty file"
+
+
+def test_bad_config_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_help_documents_exit_status() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    text = sub.choices["status"].format_help()  # type: ignore[attr-defined]
+    assert "0  running" in text and "3  not running" in text
+
+
+@pytest.mark.slow
+def test_real_daemon_running_then_stopped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from harness import Daemon
+
+    daemon = Daemon(tmp_path, name="statusd")
+    try:
+        daemon.start()
+        status_dir = daemon.inbox / ".bikewatch" / "status"
+        wait_until(lambda: list(status_dir.glob("statusd-*.json")), 30, what="status file")
+        assert main(["status", "--config", str(daemon.config)]) == 0
+        out = capsys.readouterr().out
+        assert daemon.proc is not None
+        assert out.startswith("bikewatch: running (1 worker)") and f"pid {daemon.proc.pid}" in out
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop_quietly()
+    assert not list(status_dir.glob("*.json"))  # removed on a clean exit
+    assert main(["status", "--config", str(daemon.config)]) == 3
+    assert capsys.readouterr().out.startswith("bikewatch: not running\n")
