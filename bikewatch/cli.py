@@ -100,7 +100,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             return EXIT_OK
         classifier = load_classifier(args.model)
         data = load_dataset(args.data_dir)
-    except (ModelError, FileNotFoundError) as exc:
+    except (ModelError, FileNotFoundError, ValueError) as exc:
         return _fail(str(exc))
     m = evaluate(classifier, data)
     if args.json:

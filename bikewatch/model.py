@@ -209,7 +209,10 @@ def read_contract(path: Path) -> InputContract | None:
     """The contract stored in a ``.keras`` zip, or beside any model as ``NAME.contract.json``."""
     sidecar = path.with_name(path.name + ".contract.json")
     if sidecar.is_file():
-        return InputContract.from_json(json.loads(sidecar.read_text()))
+        try:
+            return InputContract.from_json(json.loads(sidecar.read_text()))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{sidecar}: unreadable input contract: {exc}") from exc
     try:
         with zipfile.ZipFile(path) as zf:
             if CONTRACT_ENTRY in zf.namelist():

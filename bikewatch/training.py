@@ -343,6 +343,9 @@ def train_command(
 def kfold_command(data_dir: Path, k: int, *, epochs: int, seed: int, echo: Any = print) -> dict[str, Any]:
     """The seed's K-fold cross-validation: K fresh models, each tested on its held-out fold."""
     data = load_dataset(data_dir)
+    smallest = min(int((data.y == i).sum()) for i in range(len(CLASSES)))
+    if smallest < k:
+        raise ValueError(f"--kfold {k} needs at least {k} photos of each class; the smallest class has {smallest}")
     folds = stratified_folds(data.y, k, seed)
     scores: list[float] = []
     for i, test_idx in enumerate(folds):
