@@ -39,8 +39,12 @@ class Seen:
 
 
 def is_ignored(name: str, patterns: Iterable[str]) -> bool:
-    """Hidden files, in-progress uploads and OS metadata are left alone; pure."""
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    """Hidden files, in-progress uploads and OS metadata are left alone; pure.
+
+    Case-insensitive: uploads from Windows and macOS write THUMBS.DB and X.PART too.
+    """
+    lowered = name.lower()
+    return any(fnmatch.fnmatchcase(lowered, p.lower()) for p in patterns)
 
 
 def scan(inbox: Path, ignore: tuple[str, ...], skip: Iterable[Path] = ()) -> Iterator[Seen]:
