@@ -120,8 +120,10 @@ def place(src: Path, dst: Path, *, tmp_name: str) -> None:
     mode = os.lstat(src).st_mode
     if stat.S_ISLNK(mode):
         os.symlink(os.readlink(src), tmp)  # links are moved as links, never followed
-    elif stat.S_ISFIFO(mode):
-        os.mkfifo(tmp)  # opening a FIFO to copy it would block forever; it holds no bytes
+    elif not stat.S_ISREG(mode):
+        # A FIFO, socket or device holds no bytes (opening a FIFO to copy it would block forever,
+        # a socket cannot be opened at all, which would stall delivery): recreate the node.
+        os.mknod(tmp, mode, os.lstat(src).st_rdev)
     else:
         try:
             copy_durably(src, tmp)
