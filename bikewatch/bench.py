@@ -1,0 +1,696 @@
+"""``bikewatch bench``: how fast bikewatch sorts, against the seed notebook, in one run.
+
+On the same photos and the same machine it measures:
+
+1. **naive**: the seed notebook as a loop, one photo at a time: full decode
+   (no reduced JPEG decoding), resize to 64x64, ``model.predict`` on a batch
+   of one, ``shutil.move``, and a CSV row appended with open/append/close;
+2. **decode**: the daemon's per-file work (read, sha256, :mod:`bikewatch.preprocess`)
+   on worker threads, one per core, like the daemon;
+3. **inference**: :meth:`Classifier.predict` on ready arrays at the batch size;
+4. **roofline**: what 2 and 3 allow when they share the cores,
+   ``1 / (1/decode + 1/inference)``;
+5. **end to end**: a real ``bikewatch run`` child: N photos renamed into its
+   inbox at once, timed from the first rename to the last CSV row;
+6. **latency**: single photos dropped into a quiet inbox, from the rename to
+   the CSV row, raw and minus the settle time the daemon waits by design
+   (a rename makes no close-after-write event, so ``settle_seconds`` applies);
+7. **idle cost**: CPU the daemon uses with an empty inbox, its memory idle and
+   under load, and its start-up time to ``READY=1``.
+
+Photos come from ``--photos-from`` (default ``../shared/data/bikes`` beside
+the repository) or, when that is absent, synthetic 1000x600 JPEGs. Other
+processes on the machine distort every figure here: the table reports how
+much CPU they used during each measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_PHOTOS = REPO.parent / "shared" / "data" / "bikes"
+TICK = os.sysconf("SC_CLK_TCK")
+
+TARGET_VS_NAIVE = 20.0
+TARGET_VS_ROOFLINE = 0.85
+TARGET_LATENCY_OVER_SETTLE_S = 0.300
+TARGET_IDLE_CPU_PCT = 1.0
+
+
+# ----- arguments --------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--photos", type=int, default=2000, metavar="N",
+                   help="photos for the end-to-end run (copies of the source photos; default 2000)")
+    p.add_argument("--batch", type=int, default=None, metavar="B",
+                   help="batch size for inference and the daemon's max_batch (default: the daemon's default)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write every figure as JSON")
+    p.add_argument("--photos-from", type=Path, default=None, metavar="DIR",
+                   help=f"source photos, searched recursively (default {DEFAULT_PHOTOS} when present, "
+                        "else synthetic 1000x600 JPEGs)")
+    p.add_argument("--synthetic", action="store_true", help="use synthetic JPEGs even when shared photos exist")
+    p.add_argument("--naive", type=int, default=200, metavar="N", help="photos for the naive baseline (default 200)")
+    p.add_argument("--latency-drops", type=int, default=20, metavar="N",
+                   help="single photos dropped into the quiet inbox (default 20)")
+    p.add_argument("--idle-seconds", type=float, default=10.0, metavar="S",
+                   help="window for the idle CPU measurement (default 10)")
+    p.add_argument("--min-seconds", type=float, default=2.0, metavar="S",
+                   help="minimum duration of the decode-only and inference-only measurements (default 2)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a daemon setting for the end-to-end run (TOML value), e.g. --set decode_workers=2")
+    p.add_argument("--model", type=Path, default=None, help="model file (default: the embedded model)")
+    p.add_argument("--workdir", type=Path, default=None, metavar="DIR",
+                   help="where the temporary inbox/output go (default: the system temp folder)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder (the daemon's log is in it)")
+
+
+# ----- small helpers -------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def proc_cpu_seconds(pid: int | str = "self") -> float:
+    """utime + stime of a whole process (all threads), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def proc_status_kib(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (everything but idle and iowait)."""
+    with open("/proc/stat") as fh:
+        parts = [int(x) for x in fh.readline().split()[1:]]
+    idle = parts[3] + (parts[4] if len(parts) > 4 else 0)
+    return (sum(parts[:8]) - idle) / TICK
+
+
+class CpuMeter:
+    """CPU used during a span: by us, by the daemon, and by everything else on the machine."""
+
+    def __init__(self, daemon_pid: int | None = None) -> None:
+        self.daemon_pid = daemon_pid
+        self.t0 = time.monotonic()
+        self.busy0 = machine_busy_seconds()
+        self.self0 = proc_cpu_seconds()
+        self.daemon0 = proc_cpu_seconds(daemon_pid) if daemon_pid else 0.0
+
+    def stop(self) -> dict[str, float]:
+        wall = max(1e-9, time.monotonic() - self.t0)
+        busy = machine_busy_seconds() - self.busy0
+        mine = proc_cpu_seconds() - self.self0
+        daemon = (proc_cpu_seconds(self.daemon_pid) - self.daemon0) if self.daemon_pid else 0.0
+        other = max(0.0, busy - mine - daemon)
+        return {"wall_s": wall, "bench_cpu_s": mine, "daemon_cpu_s": daemon, "other_cpu_s": other,
+                "other_cores": other / wall}
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); with 20 samples p99 is the maximum."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), -(-len(ordered) * q // 100)))
+    return ordered[int(rank) - 1]
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+class RowCounter:
+    """Counts CSV rows as they are appended, reading only the new bytes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.lines = 0
+
+    def rows(self) -> int:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return 0
+        self.offset += len(data)
+        self.lines += data.count(b"\n")
+        return max(0, self.lines - 1)  # the header
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.005) -> float:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+# ----- photos ---------------------------------------------------------------------------------------
+
+
+def source_photos(args: argparse.Namespace, work: Path) -> tuple[list[Path], str]:
+    from bikewatch.preprocess import is_image_name
+
+    folder = args.photos_from if args.photos_from is not None else DEFAULT_PHOTOS
+    if not args.synthetic and folder.is_dir():
+        photos = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p.name))
+        if photos:
+            return photos, str(folder)
+    if args.photos_from is not None and not args.synthetic:
+        raise FileNotFoundError(f"no photos found under {args.photos_from}")
+    return synthetic_photos(work / "synthetic", 48), "synthetic 1000x600 JPEGs"
+
+
+def synthetic_photos(folder: Path, count: int) -> list[Path]:
+    """Product-photo-like JPEGs: a light background, shapes, a little noise; ~100-200 KB each."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1337)
+    out = []
+    for i in range(count):
+        w, h = 1000, 600
+        base = rng.integers(200, 256, size=3)
+        grad = np.linspace(0, 40, w, dtype=np.float32)[None, :, None]
+        pixels = np.clip(base[None, None, :] - grad + rng.normal(0, 6, size=(h, w, 3)), 0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels, "RGB")
+        draw = ImageDraw.Draw(image)
+        for _ in range(3):  # wheels and a frame
+            r = int(rng.integers(90, 170))
+            cx, cy = int(rng.integers(r, w - r)), int(rng.integers(r, h - r))
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=tuple(int(v) for v in rng.integers(0, 120, 3)),
+                         width=int(rng.integers(6, 20)))
+        for _ in range(6):
+            pts = [tuple(int(v) for v in rng.integers(0, (w, h))) for _ in range(2)]
+            draw.line(pts, fill=tuple(int(v) for v in rng.integers(0, 256, 3)), width=int(rng.integers(4, 16)))
+        path = folder / f"synthetic_{i:03d}.jpg"
+        image.save(path, "JPEG", quality=90)
+        out.append(path)
+    return out
+
+
+def stage_copies(photos: list[Path], folder: Path, count: int, prefix: str) -> list[Path]:
+    """``count`` copies of the photos (cycled) under distinct names, made durable."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(count):
+        src = photos[i % len(photos)]
+        dst = folder / f"{prefix}-{i:06d}-{src.name}"
+        shutil.copyfile(src, dst)
+        out.append(dst)
+    return out
+
+
+# ----- 1. naive ---------------------------------------------------------------------------------------
+
+
+def measure_naive(classifier: Any, photos: list[Path], work: Path) -> dict[str, Any]:
+    """The seed notebook as a service: everything per photo, nothing shared."""
+    import numpy as np
+    from PIL import Image
+
+    from bikewatch.model import CLASSES
+
+    inbox, out, log_path = work / "naive-in", work / "naive-out", work / "naive.csv"
+    for label in CLASSES:
+        (out / label).mkdir(parents=True, exist_ok=True)
+    staged = stage_copies(photos, inbox, len(photos), "naive")
+    model = classifier.keras_model
+    # One untimed call: the notebook's model was built and used before its loop, too.
+    model.predict(classifier.contract.adapt(np.zeros((1, 64, 64, 3), np.float32)), verbose=0)
+    os.sync()
+    meter = CpuMeter()
+    t0 = time.perf_counter()
+    for path in staged:
+        with Image.open(path) as im:  # full-size decode, like cv2.imread
+            rgb = im.convert("RGB")
+        x = np.asarray(rgb.resize((64, 64), Image.Resampling.BILINEAR), dtype=np.float32)
+        probs = model.predict(classifier.contract.adapt(x[None]), verbose=0)[0]
+        probs = probs[[classifier.contract.classes.index(c) for c in CLASSES]]
+        label = CLASSES[int(np.argmax(probs))]
+        dest = out / label / path.name
+        shutil.move(str(path), str(dest))
+        with open(log_path, "a", newline="") as fh:
+            csv.writer(fh).writerow([time.time(), str(path), str(dest), label, f"{float(np.max(probs)):.6f}"])
+    elapsed = time.perf_counter() - t0
+    cpu = meter.stop()
+    return {"photos": len(staged), "seconds": elapsed, "rate": len(staged) / elapsed, "cpu": cpu}
+
+
+# ----- 2. decode only ---------------------------------------------------------------------------------
+
+
+def measure_decode(photos: list[Path], workers: int, min_photos: int, min_seconds: float,
+                   max_pixels: int) -> tuple[dict[str, Any], list[Any]]:
+    """The daemon's worker-thread stage (read, hash, preprocess) on ``workers`` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bikewatch.batching import prepare
+
+    def one(path: Path) -> Any:
+        return prepare(path, path.name, max_pixels=max_pixels)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bench-decode") as pool:
+        arrays = [p.array for p in pool.map(one, photos) if p.array is not None]  # warm the page cache
+        meter = CpuMeter()
+        done, t0 = 0, time.perf_counter()
+        while done < min_photos or time.perf_counter() - t0 < min_seconds:
+            for _ in pool.map(one, photos):
+                pass
+            done += len(photos)
+        elapsed = time.perf_counter() - t0
+        cpu = meter.stop()
+    return {"photos": done, "seconds": elapsed, "rate": done / elapsed, "workers": workers, "cpu": cpu}, arrays
+
+
+# ----- 3. inference only ------------------------------------------------------------------------------
+
+
+def measure_inference(classifier: Any, arrays: list[Any], batch: int, min_photos: int,
+                      min_seconds: float) -> dict[str, Any]:
+    import numpy as np
+
+    pool = np.stack([arrays[i % len(arrays)] for i in range(max(batch, len(arrays)))])
+    batches = [pool[i: i + batch] for i in range(0, len(pool) - batch + 1, batch)]
+    classifier.predict(batches[0])  # trace
+    meter = CpuMeter()
+    done, t0 = 0, time.perf_counter()
+    while done < min_photos or time.perf_counter() - t0 < min_seconds:
+        for b in batches:
+            classifier.predict(b)
+            done += len(b)
+    elapsed = time.perf_counter() - t0
+    cpu = meter.stop()
+    return {"photos": done, "seconds": elapsed, "rate": done / elapsed, "batch": batch, "cpu": cpu}
+
+
+# ----- 5-7. the daemon ----------------------------------------------------------------------------------
+
+
+class Daemon:
+    """A ``bikewatch run`` child on a temporary config; READY=1 comes over a real NOTIFY_SOCKET."""
+
+    def __init__(self, work: Path, settings: dict[str, Any]) -> None:
+        self.work = work
+        self.config = work / "bench.toml"
+        self.config.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in settings.items()))
+        self.log_file = work / "daemon.log"
+        self.sock_path = work / "notify.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.notifications: list[str] = []
+        self._ready = threading.Event()
+        self._sock: socket.socket | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 180.0) -> float:
+        """Start the child; seconds until it sent READY=1."""
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(self.sock_path))
+        self._sock.settimeout(0.5)
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.sock_path), "TF_CPP_MIN_LOG_LEVEL": "3"}
+        env.pop("WATCHDOG_USEC", None)
+        env.pop("WATCHDOG_PID", None)
+        t0 = time.monotonic()
+        with open(self.log_file, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "bikewatch", "run", "--config", str(self.config)],
+                                         cwd=self.work, env=env, stdout=out, stderr=subprocess.STDOUT)
+        threading.Thread(target=self._drain, daemon=True).start()  # a full socket would block the daemon
+        deadline = t0 + timeout
+        while not self._ready.wait(0.05):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the daemon exited with {self.proc.returncode} before READY=1:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no READY=1 from the daemon after {timeout:.0f}s:\n{self.tail()}")
+        return self.ready_at - t0
+
+    def _drain(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except socket.timeout:
+                if self.proc is None or self.proc.poll() is not None:
+                    return
+                continue
+            except OSError:
+                return
+            text = data.decode(errors="replace")
+            self.notifications.append(text)
+            if "READY=1" in text.splitlines() and not self._ready.is_set():
+                self.ready_at = time.monotonic()
+                self._ready.set()
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self._sock is not None:
+            self._sock.close()
+        return self.proc.returncode
+
+
+def measure_idle(daemon: Daemon, seconds: float) -> dict[str, Any]:
+    meter = CpuMeter(daemon.pid)
+    time.sleep(seconds)
+    cpu = meter.stop()
+    return {"seconds": cpu["wall_s"], "cpu_s": cpu["daemon_cpu_s"],
+            "pct_of_core": 100 * cpu["daemon_cpu_s"] / cpu["wall_s"], "cpu": cpu}
+
+
+def measure_latency(daemon: Daemon, counter: RowCounter, staged: list[Path], inbox: Path) -> dict[str, Any]:
+    samples = []
+    for path in staged:
+        before = counter.rows()
+        time.sleep(0.3)  # a quiet inbox: nothing else arriving
+        if counter.rows() != before:
+            raise RuntimeError("rows appeared in a quiet inbox")
+        t0 = time.monotonic()
+        os.rename(path, inbox / path.name)
+        t1 = wait_for(lambda: counter.rows() > before or not daemon.alive(), 60, f"{path.name} to be sorted",
+                      interval=0.002)
+        if not daemon.alive():
+            raise RuntimeError(f"the daemon died:\n{daemon.tail()}")
+        samples.append(t1 - t0)
+    return {"drops": len(samples), "samples_s": samples,
+            "p50_s": percentile(samples, 50), "p99_s": percentile(samples, 99)}
+
+
+def measure_end_to_end(daemon: Daemon, counter: RowCounter, staged: list[Path], inbox: Path) -> dict[str, Any]:
+    base = counter.rows()
+    n = len(staged)
+    meter = CpuMeter(daemon.pid)
+    t0 = time.monotonic()
+    for path in staged:
+        os.rename(path, inbox / path.name)
+    renamed = time.monotonic() - t0
+    first: float | None = None
+    hwm_deadline = time.monotonic() + 120 + n / 5
+
+    def done() -> bool:
+        nonlocal first
+        rows = counter.rows() - base
+        if rows and first is None:
+            first = time.monotonic()
+        if not daemon.alive():
+            raise RuntimeError(f"the daemon died:\n{daemon.tail()}")
+        return rows >= n
+
+    t_last = wait_for(done, hwm_deadline - time.monotonic(), f"{n} CSV rows", interval=0.01)
+    cpu = meter.stop()
+    wall = t_last - t0
+    assert first is not None
+    return {"photos": n, "seconds": wall, "rate": n / wall, "rename_s": renamed, "first_row_s": first - t0,
+            "cpu": cpu, "daemon_cores": cpu["daemon_cpu_s"] / wall}
+
+
+def count_outputs(output: Path) -> dict[str, int]:
+    return {d.name: sum(1 for _ in d.iterdir()) for d in sorted(output.iterdir()) if d.is_dir()}
+
+
+# ----- the run --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    key: str
+    what: str
+    value: str
+    notes: str
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from bikewatch.config import ConfigError, Settings, coerce
+
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            print(f"bikewatch: error: --set wants KEY=VALUE, not {item!r}", file=sys.stderr)
+            return 2
+        try:
+            import tomllib
+
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except ValueError:
+            value = raw
+        try:
+            overrides[key.strip()] = coerce(key.strip(), value, "--set")
+        except ConfigError as exc:
+            print(f"bikewatch: error: {exc}", file=sys.stderr)
+            return 2
+    defaults = Settings()
+    batch = args.batch or int(overrides.get("max_batch", defaults.max_batch))
+    settle_s = float(overrides.get("settle_seconds", defaults.settle_seconds))
+    closed_settle_s = float(overrides.get("closed_settle_seconds", defaults.closed_settle_seconds))
+    workers = int(overrides.get("decode_workers", defaults.decode_workers)) or (os.cpu_count() or 1)
+    max_pixels = int(overrides.get("max_pixels", defaults.max_pixels))
+    for name in ("photos", "naive", "latency_drops"):
+        if getattr(args, name) < 0 or (name == "photos" and args.photos < 1):
+            print(f"bikewatch: error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
+            return 2
+
+    parent = args.workdir or Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bwb-", dir=parent))
+    daemon: Daemon | None = None
+    try:
+        photos, origin = source_photos(args, work)
+        log(f"{len(photos)} source photos from {origin}; work folder {work}")
+        result: dict[str, Any] = {
+            "machine": {"cores": os.cpu_count(), "loadavg_start": os.getloadavg()[0]},
+            "photos_from": origin, "distinct_photos": len(photos), "batch": batch,
+            "settle_seconds": settle_s, "closed_settle_seconds": closed_settle_s,
+        }
+
+        import numpy as np  # noqa: F401  (after the env var above)
+
+        from bikewatch.model import load_classifier
+
+        classifier = load_classifier(args.model)
+        result["model"] = classifier.identity
+
+        # 1. naive
+        naive_photos = [photos[i % len(photos)] for i in range(args.naive)]
+        if naive_photos:
+            log(f"naive baseline on {len(naive_photos)} photos")
+            result["naive"] = measure_naive(classifier, naive_photos, work)
+        # 2. decode only, 3. inference only, 4. roofline
+        log(f"decode only ({workers} threads)")
+        result["decode"], arrays = measure_decode(photos, workers, min(args.photos, 2000), args.min_seconds,
+                                                  max_pixels)
+        log(f"inference only (batch {batch})")
+        result["inference"] = measure_inference(classifier, arrays, batch, min(args.photos, 2000),
+                                                 args.min_seconds)
+        d, i = result["decode"]["rate"], result["inference"]["rate"]
+        result["roofline"] = {"rate": 1 / (1 / d + 1 / i)}
+        del arrays, classifier
+
+        # 5-7. a real daemon
+        inbox, output = work / "inbox", work / "sorted"
+        inbox.mkdir()
+        settings: dict[str, Any] = {"inbox": str(inbox), "output": str(output), "log_format": "json",
+                                    "worker_name": "bench", "max_batch": batch}
+        if args.model is not None:
+            settings["model"] = str(args.model.resolve())
+        settings.update({k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
+        settings["max_batch"] = batch
+        log(f"staging {args.photos} + {args.latency_drops} copies")
+        staged = stage_copies(photos, work / "stage", args.photos, "bench")
+        drops = stage_copies(photos, work / "stage-latency", args.latency_drops, "latency")
+        os.sync()  # no dirty pages of ours for the daemon's fsyncs to wait for
+
+        daemon = Daemon(work, settings)
+        log("starting the daemon")
+        startup = daemon.start()
+        counter = RowCounter(output / "classifications.csv")
+        time.sleep(1.0)
+        log(f"idle for {args.idle_seconds:g}s")
+        idle = measure_idle(daemon, args.idle_seconds)
+        idle["rss_kib"] = proc_status_kib(daemon.pid, "VmRSS")
+        result["startup_s"] = startup
+        result["idle"] = idle
+        if drops:
+            log(f"latency: {len(drops)} single drops")
+            lat = measure_latency(daemon, counter, drops, inbox)
+            lat["p50_minus_settle_s"] = lat["p50_s"] - settle_s
+            lat["p99_minus_settle_s"] = lat["p99_s"] - settle_s
+            result["latency"] = lat
+        log(f"end to end: {args.photos} photos")
+        e2e = measure_end_to_end(daemon, counter, staged, inbox)
+        e2e["seconds_minus_settle"] = e2e["seconds"] - settle_s
+        e2e["rate_minus_settle"] = e2e["photos"] / e2e["seconds_minus_settle"]
+        e2e["hwm_kib"] = proc_status_kib(daemon.pid, "VmHWM")
+        e2e["rss_kib"] = proc_status_kib(daemon.pid, "VmRSS")
+        result["end_to_end"] = e2e
+        time.sleep(1.0)
+        log(f"idle again for {args.idle_seconds:g}s")
+        result["idle_after_load"] = measure_idle(daemon, args.idle_seconds)
+        result["outputs"] = count_outputs(output)
+        code = daemon.stop()
+        result["daemon_exit"] = code
+        result["machine"]["loadavg_end"] = os.getloadavg()[0]
+        expected = args.photos + args.latency_drops
+        sorted_total = sum(v for k, v in result["outputs"].items())
+        if sorted_total != expected or counter.rows() != expected:
+            raise RuntimeError(f"expected {expected} sorted photos and CSV rows, found {sorted_total} files "
+                               f"and {counter.rows()} rows")
+        evaluate_targets(result)
+        print(render_table(result, args))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+            log(f"wrote {args.json}")
+        return 0
+    except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
+        print(f"bikewatch: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def evaluate_targets(r: dict[str, Any]) -> None:
+    e2e = r["end_to_end"]
+    t: dict[str, Any] = {}
+    rate = e2e["rate_minus_settle"]
+    if "naive" in r:
+        e2e["vs_naive"] = e2e["rate"] / r["naive"]["rate"]
+        e2e["vs_naive_minus_settle"] = rate / r["naive"]["rate"]
+        t["vs_naive"] = {"target": TARGET_VS_NAIVE, "value": e2e["vs_naive_minus_settle"],
+                         "met": e2e["vs_naive_minus_settle"] >= TARGET_VS_NAIVE}
+    e2e["vs_roofline"] = e2e["rate"] / r["roofline"]["rate"]
+    e2e["vs_roofline_minus_settle"] = rate / r["roofline"]["rate"]
+    t["vs_roofline"] = {"target": TARGET_VS_ROOFLINE, "value": e2e["vs_roofline_minus_settle"],
+                        "met": e2e["vs_roofline_minus_settle"] >= TARGET_VS_ROOFLINE}
+    if "latency" in r:
+        limit = r["settle_seconds"] + TARGET_LATENCY_OVER_SETTLE_S
+        t["latency_p99"] = {"target": limit, "value": r["latency"]["p99_s"], "met": r["latency"]["p99_s"] <= limit}
+    t["idle_cpu"] = {"target": TARGET_IDLE_CPU_PCT, "value": r["idle"]["pct_of_core"],
+                     "met": r["idle"]["pct_of_core"] < TARGET_IDLE_CPU_PCT}
+    r["targets"] = t
+
+
+def _other(cpu: dict[str, float]) -> str:
+    return f"other procs {cpu['other_cores']:.2f} cores"
+
+
+def render_table(r: dict[str, Any], args: argparse.Namespace) -> str:
+    rows: list[Row] = []
+    mib = 1024.0
+    if "naive" in r:
+        n = r["naive"]
+        rows.append(Row("naive", f"1 naive baseline ({n['photos']} photos)", f"{n['rate']:8.1f} photos/s",
+                        f"full decode + predict(1) + move + CSV each; {_other(n['cpu'])}"))
+    d = r["decode"]
+    rows.append(Row("decode", f"2 decode only ({d['workers']} threads)", f"{d['rate']:8.1f} photos/s",
+                    f"read+sha256+preprocess, {d['photos']} photos; {_other(d['cpu'])}"))
+    i = r["inference"]
+    rows.append(Row("inference", f"3 inference only (batch {i['batch']})", f"{i['rate']:8.1f} photos/s",
+                    f"Classifier.predict, {i['photos']} photos; {_other(i['cpu'])}"))
+    rows.append(Row("roofline", "4 roofline (2 and 3 share cores)", f"{r['roofline']['rate']:8.1f} photos/s",
+                    "1/(1/decode + 1/inference)"))
+    e = r["end_to_end"]
+    rows.append(Row("end_to_end", f"5 end to end ({e['photos']} photos)", f"{e['rate']:8.1f} photos/s",
+                    f"{e['seconds']:.2f} s first rename -> last CSV row; daemon {e['daemon_cores']:.2f} cores; "
+                    f"{_other(e['cpu'])}"))
+    rows.append(Row("end_to_end_minus_settle", "  end to end minus settle", f"{e['rate_minus_settle']:8.1f} photos/s",
+                    f"{e['seconds_minus_settle']:.2f} s (settle {r['settle_seconds']:g} s: no file may go sooner)"))
+    if "latency" in r:
+        lat = r["latency"]
+        rows.append(Row("latency", f"6 latency p50 / p99 ({lat['drops']} drops)",
+                        f"{lat['p50_s'] * 1000:6.0f} / {lat['p99_s'] * 1000:.0f} ms",
+                        "rename into inbox -> CSV row"))
+        rows.append(Row("latency_minus_settle", "  latency minus settle p50 / p99",
+                        f"{lat['p50_minus_settle_s'] * 1000:6.0f} / {lat['p99_minus_settle_s'] * 1000:.0f} ms",
+                        f"settle_seconds {r['settle_seconds']:g} (a rename has no close-write event; "
+                        f"closed_settle {r['closed_settle_seconds']:g} s is for close-writes)"))
+    idle = r["idle"]
+    rows.append(Row("idle_cpu", f"7 idle CPU ({idle['seconds']:.0f} s, empty inbox)",
+                    f"{idle['pct_of_core']:8.2f} % of a core",
+                    f"{idle['cpu_s']:.2f} CPU s; after load {r['idle_after_load']['pct_of_core']:.2f} %"))
+    rows.append(Row("memory", "  memory idle / under load",
+                    f"{idle['rss_kib'] / mib:5.0f} / {e['hwm_kib'] / mib:.0f} MiB",
+                    f"VmRSS idle / VmHWM after the run (VmRSS then {e['rss_kib'] / mib:.0f} MiB)"))
+    rows.append(Row("startup", "  start-up to READY=1", f"{r['startup_s']:8.2f} s", "spawn -> READY=1 on NOTIFY_SOCKET"))
+
+    width = max(len(x.what) for x in rows)
+    vwidth = max(len(x.value) for x in rows)
+    lines = [f"bikewatch bench: {r['machine']['cores']} cores, {r['distinct_photos']} photos from "
+             f"{r['photos_from']}, batch {r['batch']}, model {r['model']}",
+             f"{'measurement':{width}}  {'value':{vwidth}}  notes",
+             f"{'-' * width}  {'-' * vwidth}  -----"]
+    lines += [f"{x.what:{width}}  {x.value:{vwidth}}  {x.notes}" for x in rows]
+    lines.append("")
+    if "naive" in r:
+        lines.append(f"end-to-end / naive     {e['vs_naive']:6.1f}x   minus settle {e['vs_naive_minus_settle']:6.1f}x"
+                     f"   (target >= {TARGET_VS_NAIVE:g}x)")
+    lines.append(f"end-to-end / roofline  {e['vs_roofline'] * 100:6.1f}%   minus settle "
+                 f"{e['vs_roofline_minus_settle'] * 100:6.1f}%   (target >= {TARGET_VS_ROOFLINE * 100:g}%)")
+    names = {"vs_naive": "end-to-end (minus settle) >= 20x naive",
+             "vs_roofline": "end-to-end (minus settle) >= 85% of roofline",
+             "latency_p99": f"latency p99 <= settle + {TARGET_LATENCY_OVER_SETTLE_S * 1000:.0f} ms",
+             "idle_cpu": f"idle CPU < {TARGET_IDLE_CPU_PCT:g}% of a core"}
+    for key, t in r["targets"].items():
+        lines.append(f"  [{'met' if t['met'] else 'MISSED':6}] {names[key]}")
+    busy = [x for x in ("naive", "decode", "inference", "end_to_end") if x in r
+            and r[x]["cpu"]["other_cores"] > 0.1]
+    if busy:
+        lines.append(f"warning: other processes used CPU during {', '.join(busy)}; those figures are low")
+    return "\n".join(lines)
