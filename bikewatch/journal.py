@@ -25,7 +25,9 @@ import fcntl
 import json
 import os
 import secrets
+import socket
 import stat
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -106,6 +108,25 @@ def row_for(item: Item, *, inbox: Path, output: Path, model: str, worker: str) -
     )
 
 
+HEARTBEAT_SECONDS = 10.0
+"""How often a live worker touches its lock file (see :meth:`WorkArea.orphaned_dirs`)."""
+
+
+def lock_is_stale(owner: str, mtime: float, *, host: str, now: float, stale_after: float) -> bool:
+    """Is the worker that wrote ``owner`` ("host pid") dead? Pure.
+
+    On this host the pid answers. For another host only a heartbeat older than
+    ``stale_after`` does: a free flock alone is not trusted there, because an
+    NFS share mounted with ``nolock`` grants every machine every lock.
+    """
+    parts = owner.split()
+    if not parts:
+        return True  # no owner ever written: nothing but the free lock to go by
+    if len(parts) == 2 and parts[0] == host and parts[1].isdigit():
+        return not os.path.exists(f"/proc/{parts[1]}")
+    return now - mtime > stale_after
+
+
 class WorkArea:
     """This worker's claim folder; holds its lock for the life of the process."""
 
@@ -114,11 +135,25 @@ class WorkArea:
         self.root.mkdir(parents=True, exist_ok=True)
         self.name = f"{worker}-{os.getpid()}-{secrets.token_hex(3)}"
         self.dir = self.root / self.name
-        self.dir.mkdir()
-        self._lock_fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        # Locked under a hidden name first, so no other worker ever sees it unlocked.
+        nursery = self.root / f".new-{self.name}"
+        nursery.mkdir()
+        self._lock_fd = os.open(nursery / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(self._lock_fd, f"{socket.gethostname()} {os.getpid()}".encode())
+        os.rename(nursery, self.dir)
         self._seq = 0
+        self._beat = time.monotonic()
         fsync_dir(self.root)
+
+    def heartbeat(self, now: float) -> None:
+        """Touch the lock file so workers on other machines can tell we are alive."""
+        if now - self._beat >= HEARTBEAT_SECONDS:
+            self._beat = now
+            try:
+                os.utime(self._lock_fd)
+            except OSError:
+                pass
 
     def new_batch_id(self) -> str:
         self._seq += 1
@@ -130,6 +165,8 @@ class WorkArea:
     def close(self) -> None:
         """Remove our folder when nothing is left in it; release the lock."""
         try:
+            for tmp in self.dir.glob("*.json.tmp"):
+                os.unlink(tmp)  # a journal rewrite that failed (inbox gone meanwhile); the previous version stands
             leftovers = [p for p in self.dir.iterdir() if p.name != LOCK_NAME]
             if not leftovers:
                 os.unlink(self.dir / LOCK_NAME)
@@ -138,10 +175,11 @@ class WorkArea:
             pass
         os.close(self._lock_fd)
 
-    def orphaned_dirs(self) -> Iterator[Path]:
-        """Work folders of dead workers: their lock can be taken."""
+    def orphaned_dirs(self, stale_after: float = 120.0) -> Iterator[Path]:
+        """Work folders of dead workers, each yielded while we hold its lock."""
+        host, now = socket.gethostname(), time.time()
         for entry in sorted(self.root.iterdir()):
-            if entry == self.dir or not entry.is_dir():
+            if entry == self.dir or entry.name.startswith(".") or not entry.is_dir():
                 continue
             try:
                 fd = os.open(entry / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
@@ -153,7 +191,9 @@ class WorkArea:
                 os.close(fd)
                 continue  # alive
             try:
-                yield entry
+                owner = os.pread(fd, 256, 0).decode("utf-8", "replace")
+                if lock_is_stale(owner, os.fstat(fd).st_mtime, host=host, now=now, stale_after=stale_after):
+                    yield entry
             finally:
                 os.close(fd)
 

@@ -279,6 +279,7 @@ class Service:
         while True:
             now = time.monotonic()
             self.notifier.maybe_ping_watchdog(now)
+            self.work.heartbeat(now)
             stopping = self.stop.is_set()
             if stopping and not self.inflight:
                 return
@@ -293,6 +294,8 @@ class Service:
                 pass  # the start-up scan found the dump; nothing new is expected
             elif rescan or now >= next_scan or (self.watcher is not None and not self.watcher.alive):
                 self._full_scan(now)
+                if now >= next_scan and self.inbox_ok and not self.orphans_left:
+                    self._recover(self.work)  # a worker that died and was never restarted
                 next_scan = now + (self.s.poll_interval_seconds if self.polling else self.s.rescan_seconds)
             self._maybe_reload_model(now)
             if (self.pending or self.orphans_left) and now >= self.blocked_until:
@@ -426,6 +429,9 @@ class Service:
             journal = claim(self.s.inbox, self.work.dir, journal, path)
         except OSError as exc:
             self.log.error("cannot claim files", error=str(exc))
+            # A claim cut short (the inbox went away mid-batch) leaves a journal and maybe some
+            # claimed files: the retry settles it, which puts them back in the inbox.
+            self.pending.append(path)
             self._block(now)
             return False
         futures = [
@@ -517,7 +523,10 @@ class Service:
         self.blocked_until = now + self.backoff
 
     def _delivery_failed(self, journal_path: Path, exc: DeliveryError) -> None:
-        returned = return_to_inbox(journal_path, self.work.dir, inbox=self.s.inbox)
+        try:
+            returned = return_to_inbox(journal_path, self.work.dir, inbox=self.s.inbox)
+        except OSError:  # the inbox (with our work folder) is away too: the retry settles the journal
+            returned = []
         first = not self.backoff
         self._block(time.monotonic())
         self.pending.append(journal_path)
@@ -592,7 +601,8 @@ class Service:
         }
         folder = self.s.state_dir / "status"
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            # Not parents=True: while the inbox is away that would create an empty one in its place.
+            folder.mkdir(exist_ok=True)
             tmp = folder / f".{self.work.name}.json.tmp"
             tmp.write_text(json.dumps(data, indent=2))
             os.replace(tmp, folder / f"{self.work.name}.json")

@@ -428,3 +428,30 @@ def test_row_for_uses_absolute_paths(env: Env) -> None:
     r = row_for(item, inbox=env.inbox, output=env.output, model="m", worker="w")
     assert r.source == str(env.inbox / "DCIM/a.jpg") and r.destination == str(env.output / "rejected/a.jpg")
     assert (r.confidence, r.p_mountain, r.p_road, r.size_bytes) == ("", "", "", "0")
+
+
+def test_lock_staleness_trusts_pids_here_and_heartbeats_elsewhere() -> None:
+    from bikewatch.journal import lock_is_stale
+
+    me = f"thishost {os.getpid()}"
+    assert not lock_is_stale(me, 0.0, host="thishost", now=1e9, stale_after=120)  # alive, however old
+    assert lock_is_stale("thishost 999999999", 1e9, host="thishost", now=1e9, stale_after=120)  # no such pid
+    # Another machine: a free lock is not enough (NFS 'nolock'), only an old heartbeat is.
+    assert not lock_is_stale("otherhost 1", 1000.0, host="thishost", now=1100.0, stale_after=120)
+    assert lock_is_stale("otherhost 1", 1000.0, host="thishost", now=1121.0, stale_after=120)
+    assert lock_is_stale("", 1000.0, host="thishost", now=1000.0, stale_after=120)
+
+
+def test_a_new_work_area_is_never_visible_unlocked(tmp_path: Path) -> None:
+    from bikewatch.journal import WorkArea
+
+    first = WorkArea(tmp_path, "w1")
+    second = WorkArea(tmp_path, "w2")
+    try:
+        assert first.dir.is_dir() and second.dir.is_dir()
+        assert (first.dir / "lock").read_text().split()[1] == str(os.getpid())
+        assert list(second.orphaned_dirs()) == []  # first is alive (same host, live pid, locked)
+        assert not [p for p in (tmp_path / "work").iterdir() if p.name.startswith(".new-")]
+    finally:
+        first.close()
+        second.close()
