@@ -286,15 +286,35 @@ def measure_decode(photos: list[Path], workers: int, min_photos: int, min_second
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bench-decode") as pool:
         arrays = [p.array for p in pool.map(one, photos) if p.array is not None]  # warm the page cache
-        meter = CpuMeter()
-        done, t0 = 0, time.perf_counter()
-        while done < min_photos or time.perf_counter() - t0 < min_seconds:
+
+        def round_() -> int:
             for _ in pool.map(one, photos):
                 pass
-            done += len(photos)
-        elapsed = time.perf_counter() - t0
-        cpu = meter.stop()
-    return {"photos": done, "seconds": elapsed, "rate": done / elapsed, "workers": workers, "cpu": cpu}, arrays
+            return len(photos)
+
+        result = best_of(round_, min_photos, min_seconds)
+    return {**result, "workers": workers}, arrays
+
+
+ROUNDS = 3
+
+
+def best_of(step: Callable[[], int], min_photos: int, min_seconds: float) -> dict[str, Any]:
+    """Repeat ``step`` (which returns photos done) in ROUNDS rounds; the rate is the best round's.
+
+    A capability measure: a round slowed by a neighbour's burst of work says nothing about
+    what the code can do, and the best round makes the roofline harder, not easier, to reach.
+    """
+    meter = CpuMeter()
+    rates, done, t_all = [], 0, time.perf_counter()
+    for _ in range(ROUNDS):
+        n, t0 = 0, time.perf_counter()
+        while n < min_photos / ROUNDS or time.perf_counter() - t0 < min_seconds / ROUNDS:
+            n += step()
+        rates.append(n / (time.perf_counter() - t0))
+        done += n
+    return {"photos": done, "seconds": time.perf_counter() - t_all, "rate": max(rates), "rounds": rates,
+            "cpu": meter.stop()}
 
 
 # ----- 3. inference only ------------------------------------------------------------------------------
@@ -307,15 +327,13 @@ def measure_inference(classifier: Any, arrays: list[Any], batch: int, min_photos
     pool = np.stack([arrays[i % len(arrays)] for i in range(max(batch, len(arrays)))])
     batches = [pool[i: i + batch] for i in range(0, len(pool) - batch + 1, batch)]
     classifier.predict(batches[0])  # trace
-    meter = CpuMeter()
-    done, t0 = 0, time.perf_counter()
-    while done < min_photos or time.perf_counter() - t0 < min_seconds:
+
+    def round_() -> int:
         for b in batches:
             classifier.predict(b)
-            done += len(b)
-    elapsed = time.perf_counter() - t0
-    cpu = meter.stop()
-    return {"photos": done, "seconds": elapsed, "rate": done / elapsed, "batch": batch, "cpu": cpu}
+        return sum(len(b) for b in batches)
+
+    return {**best_of(round_, min_photos, min_seconds), "batch": batch}
 
 
 # ----- 5-7. the daemon ----------------------------------------------------------------------------------
@@ -437,13 +455,14 @@ def measure_end_to_end(daemon: Daemon, counter: RowCounter, staged: list[Path], 
         os.rename(path, inbox / path.name)
     renamed = time.monotonic() - t0
     first: float | None = None
+    first_rows = 0
     hwm_deadline = time.monotonic() + 120 + n / 5
 
     def done() -> bool:
-        nonlocal first
+        nonlocal first, first_rows
         rows = counter.rows() - base
         if rows and first is None:
-            first = time.monotonic()
+            first, first_rows = time.monotonic(), rows
         if not daemon.alive():
             raise RuntimeError(f"the daemon died:\n{daemon.tail()}")
         return rows >= n
@@ -452,8 +471,9 @@ def measure_end_to_end(daemon: Daemon, counter: RowCounter, staged: list[Path], 
     cpu = meter.stop()
     wall = t_last - t0
     assert first is not None
+    steady = (n - first_rows) / (t_last - first) if t_last > first else float("nan")
     return {"photos": n, "seconds": wall, "rate": n / wall, "rename_s": renamed, "first_row_s": first - t0,
-            "cpu": cpu, "daemon_cores": cpu["daemon_cpu_s"] / wall}
+            "rate_steady": steady, "cpu": cpu, "daemon_cores": cpu["daemon_cpu_s"] / wall}
 
 
 def count_outputs(output: Path) -> dict[str, int]:
@@ -640,10 +660,10 @@ def render_table(r: dict[str, Any], args: argparse.Namespace) -> str:
                         f"full decode + predict(1) + move + CSV each; {_other(n['cpu'])}"))
     d = r["decode"]
     rows.append(Row("decode", f"2 decode only ({d['workers']} threads)", f"{d['rate']:8.1f} photos/s",
-                    f"read+sha256+preprocess, {d['photos']} photos; {_other(d['cpu'])}"))
+                    f"read+sha256+preprocess, best of {len(d['rounds'])} rounds; {_other(d['cpu'])}"))
     i = r["inference"]
     rows.append(Row("inference", f"3 inference only (batch {i['batch']})", f"{i['rate']:8.1f} photos/s",
-                    f"Classifier.predict, {i['photos']} photos; {_other(i['cpu'])}"))
+                    f"Classifier.predict, best of {len(i['rounds'])} rounds; {_other(i['cpu'])}"))
     rows.append(Row("roofline", "4 roofline (2 and 3 share cores)", f"{r['roofline']['rate']:8.1f} photos/s",
                     "1/(1/decode + 1/inference)"))
     e = r["end_to_end"]

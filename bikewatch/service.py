@@ -28,8 +28,8 @@ import numpy as np
 from bikewatch.batching import LABEL_REJECTED, LABEL_UNSURE, Prepared, decide, digest_file, prepare, should_dispatch
 from bikewatch.config import ConfigError, Settings, describe, load_settings, validate
 from bikewatch.journal import (
-    PHASE_CLAIMED, PHASE_DECIDED, DeliveryError, Item, Journal, WorkArea, claim, free_name, recover_dir,
-    journals, return_to_inbox, settle, write_journal,
+    PHASE_CLAIMED, PHASE_DECIDED, DeliveryError, Item, Journal, SettleResult, WorkArea, claim, free_name,
+    recover_dir, journals, return_to_inbox, settle, write_journal,
 )
 from bikewatch.ledger import Ledger
 from bikewatch.metrics import Metrics
@@ -72,6 +72,7 @@ class InFlight:
     path: Path
     futures: list[Future[Prepared]]
     started: float
+    claimed: Future[tuple[Journal, list[Future[Prepared]]]] | None = None  # the claim, until _finish
 
 
 @dataclass
@@ -120,6 +121,10 @@ class Service:
         self._last_status = 0.0
         self._ready_since: dict[str, float] = {}
         self._started_at = utc_now()
+        # A decided batch's journal write and settle (all fsyncs) run on this thread while the
+        # main loop predicts the next batch; at most one at a time, joined before the next is decided.
+        self._deliverer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deliver")
+        self._delivering: tuple[InFlight, Journal, int, float, Future[Any]] | None = None
 
     # ----- start-up -------------------------------------------------------------------------
 
@@ -258,6 +263,7 @@ class Service:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
                 self._loop(pool)
         finally:
+            self._deliverer.shutdown(wait=True)
             self.notifier.stopping()
             self._remove_status_file()
             self._write_metrics(time.monotonic())
@@ -282,9 +288,12 @@ class Service:
             self.work.heartbeat(now)
             stopping = self.stop.is_set()
             if stopping and not self.inflight:
+                self._join_delivery()
                 return
             if self.oneshot and not self.inflight and not len(self.readiness) and not self.pending:
-                return
+                self._join_delivery()
+                if not self.pending:
+                    return
             paths, closed, rescan = self.hints.take()
             for rel in paths:
                 self._observe(rel, now)
@@ -309,6 +318,7 @@ class Service:
             if self.inflight:
                 self._finish(self.inflight.popleft())
                 continue
+            self._join_delivery()
             self._publish_status(now)
             timeout = self._timeout(now, next_scan)
             self.hints.wake.wait(timeout)
@@ -337,7 +347,7 @@ class Service:
             self.readiness.forget(rel)
             self._ready_since.pop(rel, None)
         else:
-            if any(is_ignored(part, self.s.ignore) for part in Path(rel).parts):
+            if any(is_ignored(part, self.s.ignore) for part in rel.split(os.sep)):
                 return
             self.readiness.update(seen, now)
 
@@ -376,6 +386,7 @@ class Service:
         Without this every claim would fail for ever once the inbox is back. Never creates a
         missing inbox (that would stop it from being moved back).
         """
+        self._join_delivery()  # its journal is in the old folder: let it fail (or finish) first
         old = self.work
         try:
             self.s.state_dir.mkdir(exist_ok=True)
@@ -392,7 +403,9 @@ class Service:
         return True
 
     def _maybe_dispatch(self, pool: ThreadPoolExecutor, now: float) -> bool:
-        ready = [s for s in self.readiness.ready(now) if s.rel not in self.taken]
+        # Only the oldest max_batch matter: more waiting than that means "send now" anyway.
+        limit = self.s.max_batch + len(self.taken)
+        ready = [s for s in self.readiness.ready(now, limit) if s.rel not in self.taken]
         for s in ready:
             self._ready_since.setdefault(s.rel, now)
         live = {s.rel for s in ready}
@@ -425,21 +438,19 @@ class Service:
         for s in chosen:
             self.readiness.forget(s.rel)
             self._ready_since.pop(s.rel, None)
-        try:
-            journal = claim(self.s.inbox, self.work.dir, journal, path)
-        except OSError as exc:
-            self.log.error("cannot claim files", error=str(exc))
-            # A claim cut short (the inbox went away mid-batch) leaves a journal and maybe some
-            # claimed files: the retry settles it, which puts them back in the inbox.
-            self.pending.append(path)
-            self._block(now)
-            return False
-        futures = [
-            pool.submit(prepare, self.work.dir / it.key, it.key, max_pixels=self.s.max_pixels) for it in journal.items
-        ]
+        # The claim (journal, renames, fsyncs) runs on the deliverer thread, which then hands the
+        # files to the decode threads: the main loop goes on predicting meanwhile.
+        claimed = self._deliverer.submit(self._claim, pool, journal, path, self.work.dir)
         self.taken.update(it.source for it in journal.items)
-        self.inflight.append(InFlight(journal, path, futures, now))
+        self.inflight.append(InFlight(journal, path, [], now, claimed))
         return True
+
+    def _claim(self, pool: ThreadPoolExecutor, journal: Journal, path: Path,
+               work_dir: Path) -> tuple[Journal, list[Future[Prepared]]]:
+        """On the deliverer thread: claim the batch's files, then queue them for decoding."""
+        journal = claim(self.s.inbox, work_dir, journal, path)
+        return journal, [pool.submit(prepare, work_dir / it.key, it.key, max_pixels=self.s.max_pixels)
+                         for it in journal.items]
 
     def _unchanged(self, s: Seen) -> bool:
         """True when ``s`` still describes the file; otherwise its settle time starts again."""
@@ -457,6 +468,20 @@ class Service:
 
     def _finish(self, batch: InFlight) -> None:
         assert self.classifier is not None
+        if batch.claimed is not None:
+            try:
+                journal, futures = batch.claimed.result()
+            except OSError as exc:
+                self.log.error("cannot claim files", error=str(exc))
+                # A claim cut short (the inbox went away mid-batch) leaves a journal and maybe some
+                # claimed files: the retry settles it, which puts them back in the inbox.
+                self.pending.append(batch.path)
+                self._block(time.monotonic())
+                self.taken.difference_update(it.source for it in batch.journal.items)
+                return
+            won = {it.source for it in journal.items}
+            self.taken.difference_update(it.source for it in batch.journal.items if it.source not in won)
+            batch = replace(batch, journal=journal, futures=futures, claimed=None)
         wait(batch.futures)
         prepared = [f.result() for f in batch.futures]
         good = [i for i, p in enumerate(prepared) if p.array is not None]
@@ -464,6 +489,13 @@ class Service:
         probs = (self.classifier.predict(np.stack([prepared[i].array for i in good]))  # type: ignore[misc]
                  if good else np.zeros((0, 2), dtype=np.float32))
         infer_ms = (time.monotonic() - t0) * 1000
+        self._join_delivery()  # the previous batch's files are in place before names are chosen
+        if self.pending:
+            # That delivery (or another) failed: place nothing more while rows are owed. The journal
+            # still says "claimed", so the retry settles it by putting the files back in the inbox.
+            self.pending.append(batch.path)
+            self.taken.difference_update(it.source for it in batch.journal.items)
+            return
         by_index = {i: probs[j] for j, i in enumerate(good)}
         items: list[Item] = []
         chosen: dict[str, set[str]] = collections.defaultdict(set)
@@ -480,10 +512,24 @@ class Service:
                 mtime_ns=prep.mtime_ns, error=prep.error, timestamp=utc_now(), dest=f"{label}/{name}",
             ))
         journal = replace(batch.journal, phase=PHASE_DECIDED, items=tuple(items), model=self.classifier.identity)
+        future = self._deliverer.submit(self._deliver, batch.path, journal, self.work.dir)
+        self._delivering = (batch, journal, len(good), infer_ms, future)
+
+    def _deliver(self, path: Path, journal: Journal, work_dir: Path) -> SettleResult:
+        """On the deliverer thread: record the decision durably, then place the files and write the rows."""
+        write_journal(path, journal)
+        return settle(path, work_dir, inbox=self.s.inbox, output=self.s.output, ledger=self.ledger,
+                      fresh=True, digest=digest_file)
+
+    def _join_delivery(self) -> None:
+        """Wait for the batch on the deliverer thread (if any) and account for it, on the main thread."""
+        if self._delivering is None:
+            return
+        batch, journal, good, infer_ms, future = self._delivering
+        self._delivering = None
+        items = journal.items
         try:
-            write_journal(batch.path, journal)
-            result = settle(batch.path, self.work.dir, inbox=self.s.inbox, output=self.s.output, ledger=self.ledger,
-                            fresh=True, digest=digest_file)
+            result = future.result()
         except DeliveryError as exc:
             self._delivery_failed(batch.path, exc)
             self.taken.difference_update(it.source for it in batch.journal.items)
@@ -512,7 +558,7 @@ class Service:
             else:
                 self.log.info("sorted", source=item.source, destination=item.dest, label=item.label,
                               confidence=round(item.confidence or 0.0, 4))
-        self.log.info("batch", size=len(items), classified=len(good), infer_ms=round(infer_ms, 1),
+        self.log.info("batch", size=len(items), classified=good, infer_ms=round(infer_ms, 1),
                       total_ms=round((time.monotonic() - batch.started) * 1000, 1))
         self._publish_status(time.monotonic(), force=True)
         if self.on_batch:
