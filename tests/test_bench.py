@@ -1,0 +1,27 @@
+"""Smoke test of the benchmark: a tiny run prints every row and writes its JSON (no speed asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from harness import REPO
+
+
+def test_bench_prints_every_measurement(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "bikewatch", "bench", "--photos", "40", "--naive", "10", "--latency-drops", "2",
+         "--idle-seconds", "1", "--min-seconds", "0.2", "--synthetic", "--workdir", str(tmp_path),
+         "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    for row in ("1 naive baseline", "2 decode only", "3 inference only", "4 roofline", "5 end to end",
+                "6 latency p50 / p99", "7 idle CPU", "memory idle / under load", "start-up to READY=1",
+                "end-to-end / naive", "end-to-end / roofline"):
+        assert row in res.stdout, f"missing row {row!r} in:\n{res.stdout}"
+    figures = json.loads(out.read_text())
+    assert figures, "the JSON output is empty"
