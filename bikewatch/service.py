@@ -124,6 +124,8 @@ class Service:
         # A decided batch's journal write and settle (all fsyncs) run on this thread while the
         # main loop predicts the next batch; at most one at a time, joined before the next is decided.
         self._deliverer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deliver")
+        # Claims get a thread of their own, so that one never waits behind a delivery's fsyncs.
+        self._claimer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="claim")
         self._delivering: tuple[InFlight, Journal, int, float, Future[Any]] | None = None
 
     # ----- start-up -------------------------------------------------------------------------
@@ -263,6 +265,7 @@ class Service:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
                 self._loop(pool)
         finally:
+            self._claimer.shutdown(wait=True)
             self._deliverer.shutdown(wait=True)
             self.notifier.stopping()
             self._remove_status_file()
@@ -309,9 +312,10 @@ class Service:
             self._maybe_reload_model(now)
             if (self.pending or self.orphans_left) and now >= self.blocked_until:
                 self._retry_pending(now)
-            # Keep up to two batches in flight: one decoding while the model works on the other.
+            # Keep up to three batches in flight: the next two are claimed and decoded on other
+            # threads while the model works on the first, so the cores never wait for a claim.
             # Nothing new is taken while an earlier batch still waits for the output or the CSV.
-            while (len(self.inflight) < 2 and not stopping and now >= self.blocked_until and self.inbox_ok
+            while (len(self.inflight) < 3 and not stopping and now >= self.blocked_until and self.inbox_ok
                    and not self.pending and not self.orphans_left):
                 if not self._maybe_dispatch(pool, now):
                     break
@@ -438,16 +442,16 @@ class Service:
         for s in chosen:
             self.readiness.forget(s.rel)
             self._ready_since.pop(s.rel, None)
-        # The claim (journal, renames, fsyncs) runs on the deliverer thread, which then hands the
+        # The claim (journal, renames, fsyncs) runs on the claimer thread, which then hands the
         # files to the decode threads: the main loop goes on predicting meanwhile.
-        claimed = self._deliverer.submit(self._claim, pool, journal, path, self.work.dir)
+        claimed = self._claimer.submit(self._claim, pool, journal, path, self.work.dir)
         self.taken.update(it.source for it in journal.items)
         self.inflight.append(InFlight(journal, path, [], now, claimed))
         return True
 
     def _claim(self, pool: ThreadPoolExecutor, journal: Journal, path: Path,
                work_dir: Path) -> tuple[Journal, list[Future[Prepared]]]:
-        """On the deliverer thread: claim the batch's files, then queue them for decoding."""
+        """On the claimer thread: claim the batch's files, then queue them for decoding."""
         journal = claim(self.s.inbox, work_dir, journal, path)
         return journal, [pool.submit(prepare, work_dir / it.key, it.key, max_pixels=self.s.max_pixels)
                          for it in journal.items]
@@ -492,8 +496,13 @@ class Service:
         self._join_delivery()  # the previous batch's files are in place before names are chosen
         if self.pending:
             # That delivery (or another) failed: place nothing more while rows are owed. The journal
-            # still says "claimed", so the retry settles it by putting the files back in the inbox.
-            self.pending.append(batch.path)
+            # still says "claimed": settling it puts the files back in the inbox, as the failed
+            # batch's were; if even that fails, the retry does it.
+            try:
+                settle(batch.path, self.work.dir, inbox=self.s.inbox, output=self.s.output, ledger=self.ledger,
+                       digest=digest_file)
+            except OSError:
+                self.pending.append(batch.path)
             self.taken.difference_update(it.source for it in batch.journal.items)
             return
         by_index = {i: probs[j] for j, i in enumerate(good)}
