@@ -214,6 +214,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return run_status(args)
 
 
+def _add_log_source(p: argparse.ArgumentParser) -> None:
+    """``--log CSV`` or ``--config FILE``: where ``report`` and ``corrections`` find the CSV log."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--log", type=Path, metavar="CSV", help="the CSV log to read")
+    src.add_argument("--config", type=Path, metavar="FILE",
+                     help="TOML config: read its log (default OUTPUT/classifications.csv)")
+
+
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="model file (.keras, or the seed notebook's .h5); default: the embedded model")
@@ -292,10 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("report", cmd_report, "contact sheet of sorted photos (least certain first) and rejected files",
             "bikewatch report --config /etc/bikewatch/bikewatch.toml --since today --out today.html")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--log", type=Path, metavar="CSV", help="the CSV log to read")
-    src.add_argument("--config", type=Path, metavar="FILE",
-                     help="TOML config: read its log (default OUTPUT/classifications.csv)")
+    _add_log_source(p)
     p.add_argument("--since", metavar="WHEN",
                    help="only files sorted since WHEN: ISO date/time (2024-05-01, 2024-05-01T08:00; local time "
                         "unless it names a zone), 90m, 24h, 7d, 2w, today or yesterday")
@@ -304,10 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("corrections", cmd_corrections, "photos people moved to another label folder after sorting",
             "bikewatch corrections --log /srv/bikewatch/sorted/classifications.csv")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--log", type=Path, metavar="CSV", help="the CSV log to read")
-    src.add_argument("--config", type=Path, metavar="FILE",
-                     help="TOML config: read its log (default OUTPUT/classifications.csv)")
+    _add_log_source(p)
     p.add_argument("--format", choices=("table", "csv"), default="table")
 
     p = add("status", cmd_status, "is the service running, files waiting, counts today and in total, last error",

@@ -60,15 +60,19 @@ def bomb_png(width: int = 40000, height: int = 40000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 
+def write_file(path: Path, data: bytes) -> Path:
+    """Write ``data`` at ``path``, making its parent folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
 def classified_files(folder: Path) -> dict[str, Path]:
     """Every decodable kind (and odd name); returns relative name -> path."""
     made: dict[str, Path] = {}
 
     def put(rel: str, data: bytes) -> None:
-        p = folder / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-        made[rel] = p
+        made[rel] = write_file(folder / rel, data)
 
     def kind(rel: str, writer) -> None:
         p = writer(folder / rel)
@@ -118,10 +122,7 @@ def rejected_files(folder: Path) -> dict[str, Path]:
     made: dict[str, Path] = {}
 
     def put(rel: str, data: bytes) -> None:
-        p = folder / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-        made[rel] = p
+        made[rel] = write_file(folder / rel, data)
 
     put("empty.jpg", b"")
     whole = encoded(noise((160, 120), 20), "JPEG", quality=90)
