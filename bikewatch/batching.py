@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,9 @@ class Prepared:
     size: int
     mtime_ns: int
     error: str = ""
+    # (size, mtime_ns, ctime_ns, inode) when the bytes read are known to be the file's whole content
+    # as long as a later lstat shows the same four values; None when that cannot be vouched for.
+    signature: tuple[int, int, int, int] | None = None
 
 
 def digest_file(path: Path) -> str:
@@ -50,6 +54,32 @@ def digest_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+VOUCH_AGE_NS = 50_000_000
+"""How long a file must have been still, by its ctime, when a read begins, for the read to vouch for it.
+
+File times come from a coarse clock (one tick, up to 10 ms): a write landing in the
+same tick as the read could leave size, mtime and ctime as they were. A write after
+a read that began more than a tick past the ctime always moves the ctime."""
+
+COARSE_VOUCH_AGE_NS = 2_100_000_000
+"""The same for filesystems whose times have whole seconds only (FAT keeps 2 s)."""
+
+
+def signature_of(before: os.stat_result, after: os.stat_result, read_began_ns: int) -> tuple[int, int, int, int] | None:
+    """The signature that vouches for bytes read between the two fstats, or None; pure.
+
+    ``read_began_ns`` is the wall clock taken before ``before``.
+    """
+    sig = (before.st_size, before.st_mtime_ns, before.st_ctime_ns, before.st_ino)
+    if sig != (after.st_size, after.st_mtime_ns, after.st_ctime_ns, after.st_ino):
+        return None  # written to while we read
+    age = read_began_ns - before.st_ctime_ns
+    needed = COARSE_VOUCH_AGE_NS if before.st_ctime_ns % 1_000_000_000 == 0 else VOUCH_AGE_NS
+    if age < needed:
+        return None  # too fresh, or a ctime in the future (a skewed clock on a network share)
+    return sig
 
 
 def prepare(path: Path, key: str, *, max_pixels: int) -> Prepared:
@@ -65,6 +95,7 @@ def prepare(path: Path, key: str, *, max_pixels: int) -> Prepared:
             return Prepared(key, None, "", st.st_size, st.st_mtime_ns, "symbolic link (never followed)")
         return Prepared(key, None, "", st.st_size, st.st_mtime_ns, f"cannot open file: {exc.strerror}")
     try:
+        began_ns = time.time_ns()
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return Prepared(key, None, "", 0, st.st_mtime_ns, "not a regular file")
@@ -73,6 +104,7 @@ def prepare(path: Path, key: str, *, max_pixels: int) -> Prepared:
                             f"file too large ({st.st_size} bytes)")
         with os.fdopen(fd, "rb", closefd=False) as fh:
             data = fh.read()
+        sig = signature_of(st, os.fstat(fd), began_ns) if len(data) == st.st_size else None
     except OSError as exc:
         return Prepared(key, None, "", 0, 0, f"cannot read file: {exc.strerror}")
     finally:
@@ -81,8 +113,8 @@ def prepare(path: Path, key: str, *, max_pixels: int) -> Prepared:
     try:
         array = preprocess_bytes(data, max_pixels=max_pixels)
     except PreprocessError as exc:
-        return Prepared(key, None, digest, len(data), st.st_mtime_ns, exc.reason)
-    return Prepared(key, array, digest, len(data), st.st_mtime_ns)
+        return Prepared(key, None, digest, len(data), st.st_mtime_ns, exc.reason, sig)
+    return Prepared(key, array, digest, len(data), st.st_mtime_ns, signature=sig)
 
 
 def decide(p_mountain: float, p_road: float, unsure_below: float) -> str:

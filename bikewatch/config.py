@@ -46,6 +46,7 @@ class Settings:
     unsure_below: float = 0.0  # 0 = off: every photo goes to mountain/ or road/
     device: Literal["auto", "cpu", "gpu"] = "auto"
     decode_workers: int = 0  # 0 = one per CPU core
+    read_ahead: int = 1000  # files read and classified while they settle; 0 = off
     max_pixels: int = 100_000_000
     retry_max_seconds: float = 60.0
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -76,7 +77,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 _BOOLS = {"watch_model"}
 _POSITIVE = {"settle_seconds", "max_batch", "rescan_seconds", "poll_interval_seconds", "max_pixels", "retry_max_seconds"}
-_NON_NEGATIVE = {"closed_settle_seconds", "max_wait_ms", "decode_workers", "unsure_below", "metrics_port"}
+_NON_NEGATIVE = {"closed_settle_seconds", "max_wait_ms", "decode_workers", "read_ahead", "unsure_below", "metrics_port"}
 
 
 def coerce(name: str, value: Any, origin: str) -> Any:
@@ -120,7 +121,7 @@ def coerce(name: str, value: Any, origin: str) -> Any:
         kind = _FIELDS[name].type
         if name == "metrics_address":
             return str(value).strip()
-        if kind == "int" or name in ("max_batch", "decode_workers", "max_pixels", "metrics_port"):
+        if kind == "int" or name in ("max_batch", "decode_workers", "read_ahead", "max_pixels", "metrics_port"):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(f"expected a whole number, not {value!r}")
             number: float = int(value)

@@ -58,8 +58,15 @@ class Metrics:
         self.blocked = Gauge("bikewatch_output_blocked",
                              "1 while the output folder or CSV log cannot take files (photos wait in the inbox).",
                              registry=r)
+        self.read_ahead = Counter(
+            "bikewatch_read_ahead_total",
+            "Files read and classified while they settled: used at the claim, or discarded (changed, gone, "
+            "or read too soon after a change to vouch for).", ["outcome"], registry=r)
         for label in LABELS:  # present from the start at 0, so rate() works from the first scrape
             self.photos.labels(label=label)
+        for outcome in ("used", "discarded"):
+            self.read_ahead.labels(outcome=outcome)
+        self._read_ahead_seen = {"used": 0, "discarded": 0}
         self._server: Any = None
 
     def observe_batch(self, size: int, seconds: float) -> None:
@@ -71,6 +78,14 @@ class Metrics:
         self.photos.labels(label=label).inc()
         if label == "rejected" or reason:
             self.rejected.labels(reason=reason_label(reason)).inc()
+
+    def read_ahead_totals(self, used: int, discarded: int) -> None:
+        """Bring the read-ahead counters up to the service's running totals."""
+        for outcome, total in (("used", used), ("discarded", discarded)):
+            delta = total - self._read_ahead_seen[outcome]
+            if delta > 0:
+                self.read_ahead.labels(outcome=outcome).inc(delta)
+                self._read_ahead_seen[outcome] = total
 
     def set_backlog(self, n: int) -> None:
         self.backlog.set(n)

@@ -35,6 +35,7 @@ from bikewatch.ledger import Ledger
 from bikewatch.metrics import Metrics
 from bikewatch.logs import configure, get_logger
 from bikewatch.model import CLASSES, Classifier, ModelError, load_classifier
+from bikewatch.readahead import QUIET_SECONDS, ReadAhead, Usable
 from bikewatch.systemd import Notifier, adapt_tensorflow_to_wx, format_status
 from bikewatch.watching import (
     Hints, InboxWatcher, Readiness, Seen, is_ignored, mount_fstype, needs_polling, observe, scan,
@@ -73,6 +74,7 @@ class InFlight:
     futures: list[Future[Prepared]]
     started: float
     claimed: Future[tuple[Journal, list[Future[Prepared]]]] | None = None  # the claim, until _finish
+    early: dict[str, Usable] = field(default_factory=dict)  # read-ahead results, by inbox path
 
 
 @dataclass
@@ -121,6 +123,12 @@ class Service:
         self._last_status = 0.0
         self._ready_since: dict[str, float] = {}
         self._started_at = utc_now()
+        self.workers = settings.decode_workers or max(1, os.cpu_count() or 1)
+        # Reads of files still settling: never more than two per decode thread queued ahead of a
+        # claimed batch's reads, and a few batches' worth of arrays waiting for the model.
+        self.read_ahead = ReadAhead(0 if oneshot else settings.read_ahead,
+                                    reading_max=max(2 * self.workers, settings.max_batch),
+                                    arrays_max=4 * settings.max_batch, wake=self.hints.wake.set)
         # A decided batch's journal write and settle (all fsyncs) run on this thread while the
         # main loop predicts the next batch; at most one at a time, joined before the next is decided.
         self._deliverer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deliver")
@@ -261,8 +269,7 @@ class Service:
             self.notifier.ready(status="watching " + str(self.s.inbox))
             self.log.info("ready", inbox=str(self.s.inbox), output=str(self.s.output), log=str(self.s.log_path),
                           waiting=len(self.readiness))
-            workers = self.s.decode_workers or max(1, os.cpu_count() or 1)
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+            with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="decode") as pool:
                 self._loop(pool)
         finally:
             self._claimer.shutdown(wait=True)
@@ -281,7 +288,8 @@ class Service:
 
     def _summary(self) -> dict[str, Any]:
         return {"sorted": dict(self.counts.by_label), "batches": self.counts.batches,
-                "waiting": len(self.readiness)}
+                "waiting": len(self.readiness), "read_ahead_used": self.read_ahead.used,
+                "read_ahead_wasted": self.read_ahead.wasted}
 
     def _loop(self, pool: ThreadPoolExecutor) -> None:
         next_scan = time.monotonic() + (self.s.poll_interval_seconds if self.polling else self.s.rescan_seconds)
@@ -319,6 +327,8 @@ class Service:
                    and not self.pending and not self.orphans_left):
                 if not self._maybe_dispatch(pool, now):
                     break
+            if not stopping:
+                self._read_ahead(pool, now)
             if self.inflight:
                 self._finish(self.inflight.popleft())
                 continue
@@ -341,6 +351,9 @@ class Service:
             waits.append(self.notifier.watchdog_interval / 2)
         if self.s.watch_model and self.s.model is not None:
             waits.append(self._next_model_check - now)
+        read_due = self.read_ahead.next_due(now)
+        if read_due is not None:
+            waits.append(read_due)
         return min(max(0.005, w) for w in waits)
 
     def _observe(self, rel: str, now: float) -> None:
@@ -349,11 +362,13 @@ class Service:
         seen = observe(self.s.inbox, rel)
         if seen is None:
             self.readiness.forget(rel)
+            self.read_ahead.forget(rel)
             self._ready_since.pop(rel, None)
         else:
             if any(is_ignored(part, self.s.ignore) for part in rel.split(os.sep)):
                 return
-            self.readiness.update(seen, now)
+            if self.readiness.update(seen, now):
+                self.read_ahead.noticed(rel, now)
 
     def _full_scan(self, now: float) -> None:
         try:
@@ -378,11 +393,13 @@ class Service:
             if seen.rel in self.taken:
                 continue
             present.add(seen.rel)
-            self.readiness.update(seen, now)
+            if self.readiness.update(seen, now):
+                self.read_ahead.noticed(seen.rel, now)
             if self.oneshot and time.time() - seen.mtime_ns / 1e9 > self.s.settle_seconds:
                 # A dump that has sat still for longer than the settle time is complete.
                 self.readiness.mark_closed(seen.rel)
         self.readiness.retain(present)
+        self.read_ahead.retain(present)
 
     def _renew_work_area(self) -> bool:
         """Our work folder vanished (the inbox's filesystem was unmounted or replaced): start a new one.
@@ -427,7 +444,7 @@ class Service:
         # Look once more before claiming: the last observation can be older than the settle
         # time (polling sees a file once per poll interval), and a slow writer may have
         # appended since. Taking it now would classify, and move, a half-written file.
-        chosen = [s for s in chosen if self._unchanged(s)]
+        chosen = [fresh for s in chosen if (fresh := self._unchanged(s)) is not None]
         if not chosen:
             return False
         if not self.work.dir.is_dir() and not self._renew_work_area():
@@ -439,36 +456,67 @@ class Service:
         journal = Journal(batch=batch_id, phase=PHASE_CLAIMED, worker=self.s.worker_name,
                           model=self.classifier.identity, items=items)
         path = self.work.journal_path(batch_id)
+        early: dict[str, Usable] = {}
         for s in chosen:
             self.readiness.forget(s.rel)
             self._ready_since.pop(s.rel, None)
+            usable = self.read_ahead.take(s, self.classifier.identity)  # s: an lstat taken just now
+            if usable is not None:
+                early[s.rel] = usable
         # The claim (journal, renames, fsyncs) runs on the claimer thread, which then hands the
         # files to the decode threads: the main loop goes on predicting meanwhile.
-        claimed = self._claimer.submit(self._claim, pool, journal, path, self.work.dir)
+        claimed = self._claimer.submit(self._claim, pool, journal, path, self.work.dir, early)
         self.taken.update(it.source for it in journal.items)
-        self.inflight.append(InFlight(journal, path, [], now, claimed))
+        self.inflight.append(InFlight(journal, path, [], now, claimed, early))
         return True
 
-    def _claim(self, pool: ThreadPoolExecutor, journal: Journal, path: Path,
-               work_dir: Path) -> tuple[Journal, list[Future[Prepared]]]:
-        """On the claimer thread: claim the batch's files, then queue them for decoding."""
+    def _claim(self, pool: ThreadPoolExecutor, journal: Journal, path: Path, work_dir: Path,
+               early: dict[str, Usable]) -> tuple[Journal, list[Future[Prepared]]]:
+        """On the claimer thread: claim the batch's files, then queue the ones not read ahead for decoding."""
         journal = claim(self.s.inbox, work_dir, journal, path)
-        return journal, [pool.submit(prepare, work_dir / it.key, it.key, max_pixels=self.s.max_pixels)
-                         for it in journal.items]
+        futures: list[Future[Prepared]] = []
+        for it in journal.items:
+            usable = early.get(it.source)
+            if usable is None:
+                futures.append(pool.submit(prepare, work_dir / it.key, it.key, max_pixels=self.s.max_pixels))
+            else:
+                done: Future[Prepared] = Future()
+                done.set_result(replace(usable.prepared, key=it.key))
+                futures.append(done)
+        return journal, futures
 
-    def _unchanged(self, s: Seen) -> bool:
-        """True when ``s`` still describes the file; otherwise its settle time starts again."""
+    def _unchanged(self, s: Seen) -> Seen | None:
+        """A fresh lstat of ``s`` when it still describes the file; otherwise None, and its settle time starts again."""
         seen = observe(self.s.inbox, s.rel)
-        if seen is not None and (seen.size, seen.mtime_ns, seen.ino, seen.regular) == (
-            s.size, s.mtime_ns, s.ino, s.regular
+        if seen is not None and (seen.size, seen.mtime_ns, seen.ino, seen.regular, seen.ctime_ns) == (
+            s.size, s.mtime_ns, s.ino, s.regular, s.ctime_ns
         ):
-            return True
+            return seen
         self._ready_since.pop(s.rel, None)
         if seen is None:
             self.readiness.forget(s.rel)
         else:
             self.readiness.update(seen, time.monotonic())
-        return False
+        return None
+
+    def _read_ahead(self, pool: ThreadPoolExecutor, now: float) -> None:
+        """Read files that are still settling, and classify what was read while the model is idle."""
+        ra = self.read_ahead
+        if not ra.limit:
+            return
+        ra.harvest()
+        while self.inbox_ok and ra.room() > 0 and (rel := ra.due(now)) is not None:
+            seen = self.readiness.settling(rel, now, QUIET_SECONDS)
+            if seen is None or rel in self.taken or not ra.wanted(seen):
+                continue  # gone, changed again (a later entry is queued), ready already, or read already
+            ra.start(seen, pool.submit(prepare, self.s.inbox / rel, rel, max_pixels=self.s.max_pixels))
+        if self.inflight or self.classifier is None:
+            return  # the model is busy with claimed batches, which come first
+        entries = ra.unclassified(self.s.max_batch)
+        if entries and (len(entries) >= self.s.max_batch or not ra.reading()):
+            ra.classified(entries, self.classifier.predict(np.stack([e.array for e in entries])),
+                          self.classifier.identity)
+            self.log.debug("read ahead", classified=len(entries), held=len(ra))
 
     def _finish(self, batch: InFlight) -> None:
         assert self.classifier is not None
@@ -488,11 +536,22 @@ class Service:
             batch = replace(batch, journal=journal, futures=futures, claimed=None)
         wait(batch.futures)
         prepared = [f.result() for f in batch.futures]
-        good = [i for i, p in enumerate(prepared) if p.array is not None]
+        by_index: dict[int, np.ndarray] = {}
+        for i, item in enumerate(batch.journal.items):
+            usable = batch.early.get(item.source)
+            if usable is None or prepared[i].error or prepared[i].array is not None:
+                continue
+            if usable.probs is not None and usable.model == self.classifier.identity:
+                by_index[i] = usable.probs  # classified while it settled
+            else:  # classified ahead by a model replaced since: read the claimed file again
+                prepared[i] = prepare(batch.path.parent / item.key, item.key, max_pixels=self.s.max_pixels)
+        todo = [i for i, p in enumerate(prepared) if p.array is not None and i not in by_index]
         t0 = time.monotonic()
-        probs = (self.classifier.predict(np.stack([prepared[i].array for i in good]))  # type: ignore[misc]
-                 if good else np.zeros((0, 2), dtype=np.float32))
+        if todo:
+            probs = self.classifier.predict(np.stack([prepared[i].array for i in todo]))  # type: ignore[misc]
+            by_index.update((i, probs[j]) for j, i in enumerate(todo))
         infer_ms = (time.monotonic() - t0) * 1000
+        good = sorted(by_index)
         self._join_delivery()  # the previous batch's files are in place before names are chosen
         if self.pending:
             # That delivery (or another) failed: place nothing more while rows are owed. The journal
@@ -505,11 +564,10 @@ class Service:
                 self.pending.append(batch.path)
             self.taken.difference_update(it.source for it in batch.journal.items)
             return
-        by_index = {i: probs[j] for j, i in enumerate(good)}
         items: list[Item] = []
         chosen: dict[str, set[str]] = collections.defaultdict(set)
         for i, (item, prep) in enumerate(zip(batch.journal.items, prepared)):
-            if prep.array is None:
+            if i not in by_index:
                 label, pm, pr = LABEL_REJECTED, None, None
             else:
                 pm, pr = float(by_index[i][0]), float(by_index[i][1])
@@ -567,7 +625,7 @@ class Service:
             else:
                 self.log.info("sorted", source=item.source, destination=item.dest, label=item.label,
                               confidence=round(item.confidence or 0.0, 4))
-        self.log.info("batch", size=len(items), classified=good, infer_ms=round(infer_ms, 1),
+        self.log.info("batch", size=len(items), classified=good, read_ahead=len(batch.early), infer_ms=round(infer_ms, 1),
                       total_ms=round((time.monotonic() - batch.started) * 1000, 1))
         self._publish_status(time.monotonic(), force=True)
         if self.on_batch:
@@ -627,6 +685,7 @@ class Service:
         self.notifier.status(format_status(counts))
         self._write_status_file()
         self.metrics.set_backlog(len(self.readiness))
+        self.metrics.read_ahead_totals(self.read_ahead.used, self.read_ahead.wasted)
         self.metrics.set_blocked(self.blocked_until > time.monotonic())
         if not force or now - self._last_metrics >= 1.0:  # forced after every batch: at most 1/s
             self._write_metrics(now)

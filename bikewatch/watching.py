@@ -38,6 +38,7 @@ class Seen:
     mtime_ns: int
     ino: int
     regular: bool  # False for symlinks, FIFOs, sockets, devices
+    ctime_ns: int = 0  # changes with every write, chmod or rename, and cannot be set back by a writer
 
 
 def is_ignored(name: str, patterns: Iterable[str]) -> bool:
@@ -87,7 +88,7 @@ def scan(inbox: Path, ignore: tuple[str, ...], skip: Iterable[Path] = ()) -> Ite
                 if os.path.normpath(entry.path) not in skip_set:
                     stack.append(rel)
                 continue
-            yield Seen(rel, st.st_size, st.st_mtime_ns, st.st_ino, stat.S_ISREG(st.st_mode))
+            yield Seen(rel, st.st_size, st.st_mtime_ns, st.st_ino, stat.S_ISREG(st.st_mode), st.st_ctime_ns)
 
 
 def observe(inbox: Path, rel: str) -> Seen | None:
@@ -98,7 +99,7 @@ def observe(inbox: Path, rel: str) -> Seen | None:
         return None
     if stat.S_ISDIR(st.st_mode):
         return None
-    return Seen(rel, st.st_size, st.st_mtime_ns, st.st_ino, stat.S_ISREG(st.st_mode))
+    return Seen(rel, st.st_size, st.st_mtime_ns, st.st_ino, stat.S_ISREG(st.st_mode), st.st_ctime_ns)
 
 
 @dataclass
@@ -127,16 +128,20 @@ class Readiness:
     def __len__(self) -> int:
         return len(self._tracks)
 
-    def update(self, seen: Seen, now: float) -> None:
+    def update(self, seen: Seen, now: float) -> bool:
+        """Record an observation; True when it is new or the file changed (its settle time starts now)."""
         track = self._tracks.get(seen.rel)
-        if track is None or (track.seen.size, track.seen.mtime_ns, track.seen.ino) != (
-            seen.size, seen.mtime_ns, seen.ino
+        # ctime too: a writer can put size and mtime back (cp -p, touch -r), never the ctime.
+        if track is None or (track.seen.size, track.seen.mtime_ns, track.seen.ino, track.seen.ctime_ns) != (
+            seen.size, seen.mtime_ns, seen.ino, seen.ctime_ns
         ):
             new = _Track(seen, now, closed=False)
             self._tracks[seen.rel] = new
             if self._sorted and self._order and _order_key(new) < _order_key(self._order[-1]):
                 self._sorted = False  # not the newest (clocks from different calls): sort on next use
             self._order.append(new)
+            return True
+        return False
 
     def mark_closed(self, rel: str) -> None:
         """A close-after-write: the writer is done, a short settle suffices."""
@@ -176,6 +181,14 @@ class Readiness:
         if lead:
             del self._order[:lead]
         return out
+
+    def settling(self, rel: str, now: float, quiet: float) -> Seen | None:
+        """``rel`` if it is a regular file unchanged for ``quiet`` seconds and not ready yet: worth reading ahead."""
+        track = self._tracks.get(rel)
+        if track is None or not track.seen.regular:
+            return None
+        age = now - track.stable_since
+        return track.seen if quiet <= age < self._needed(track) else None
 
     def pending(self) -> list[str]:
         return list(self._tracks)
