@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import logging
+import math
 import os
 import re
 import stat
@@ -124,6 +125,9 @@ class Readiness:
         # files does not sort them all again; entries no longer in _tracks are skipped.
         self._order: list[_Track] = []
         self._sorted = True
+        # No candidate can be ready before this (a lower bound: it may be early, never late), so
+        # that the loop's frequent "anything ready?" costs nothing while a big dump settles.
+        self._due_at = math.inf
 
     def __len__(self) -> int:
         return len(self._tracks)
@@ -140,6 +144,10 @@ class Readiness:
             if self._sorted and self._order and _order_key(new) < _order_key(self._order[-1]):
                 self._sorted = False  # not the newest (clocks from different calls): sort on next use
             self._order.append(new)
+            if len(self._order) > 2 * len(self._tracks) + 64:  # a busy writer's superseded tracks
+                self._order = sorted(self._tracks.values(), key=_order_key)
+                self._sorted = True
+            self._due_at = min(self._due_at, now + self._needed(new))
             return True
         return False
 
@@ -148,6 +156,7 @@ class Readiness:
         track = self._tracks.get(rel)
         if track is not None:
             track.closed = True
+            self._due_at = min(self._due_at, track.stable_since + self.closed_settle)
 
     def forget(self, rel: str) -> None:
         self._tracks.pop(rel, None)
@@ -164,20 +173,26 @@ class Readiness:
 
     def ready(self, now: float, limit: int | None = None) -> list[Seen]:
         """Candidates unchanged for long enough, oldest first; the first ``limit`` of them when given."""
+        if now < self._due_at:
+            return []
         if not self._sorted or len(self._order) > 2 * len(self._tracks) + 64:
             self._order = sorted(self._tracks.values(), key=_order_key)
             self._sorted = True
         out: list[Seen] = []
         lead, counting = 0, True  # entries forgotten or replaced before the first live one: dropped below
+        due_at = math.inf
         for track in self._order:
             if self._tracks.get(track.seen.rel) is not track:
                 lead += counting
                 continue
             counting = False
-            if now - track.stable_since >= self._needed(track):
+            due = track.stable_since + self._needed(track)
+            due_at = min(due_at, due)  # ready ones included: a caller may leave them for later
+            if now >= due:
                 out.append(track.seen)
                 if limit is not None and len(out) >= limit:
-                    break
+                    break  # not all seen, but due_at <= now: the next call looks again
+        self._due_at = due_at
         if lead:
             del self._order[:lead]
         return out
@@ -195,8 +210,12 @@ class Readiness:
 
     def next_due(self, now: float) -> float | None:
         """Seconds until the next candidate could become ready (None when there is none)."""
+        if not self._tracks:
+            return None
+        if self._due_at > now:
+            return self._due_at - now  # maybe early (a file since forgotten), never late
         waits = [t.stable_since + self._needed(t) - now for t in self._tracks.values()]
-        return max(0.0, min(waits)) if waits else None
+        return max(0.0, min(waits))
 
 
 def mount_fstype(path: Path, mountinfo: str | None = None) -> str:

@@ -349,3 +349,30 @@ def test_ignore_patterns_are_case_insensitive(name: str) -> None:
 
     assert is_ignored(name, DEFAULT_IGNORE)
     assert not is_ignored("IMG_0001.JPG", DEFAULT_IGNORE)
+
+
+def test_ready_files_left_by_the_caller_are_ready_again_next_time() -> None:
+    r = Readiness(settle=1.0, closed_settle=0.1)
+    r.update(seen("a"), now=0.0)
+    assert r.ready(0.5) == [] and r.next_due(0.5) == pytest.approx(0.5)
+    assert [s.rel for s in r.ready(1.0)] == ["a"]
+    assert [s.rel for s in r.ready(1.1)] == ["a"]  # not taken: still ready
+    r.update(seen("b"), now=1.2)
+    assert [s.rel for s in r.ready(1.3, limit=1)] == ["a"]
+    assert [s.rel for s in r.ready(2.2)] == ["a", "b"]
+
+
+def test_close_write_and_new_files_make_the_next_due_time_earlier() -> None:
+    r = Readiness(settle=1.0, closed_settle=0.1)
+    r.update(seen("slow"), now=0.0)
+    assert r.ready(0.2) == []
+    r.update(seen("copied"), now=0.3)
+    r.mark_closed("copied")
+    assert r.next_due(0.3) == pytest.approx(0.1)
+    assert [s.rel for s in r.ready(0.4)] == ["copied"]
+    r.forget("copied")
+    r.update(seen("link", regular=False), now=0.5)
+    assert [s.rel for s in r.ready(0.5)] == ["link"]
+    r.forget("link")
+    assert r.ready(0.9) == [] and r.next_due(0.9) == pytest.approx(0.1)
+    assert [s.rel for s in r.ready(1.0)] == ["slow"]
