@@ -630,16 +630,18 @@ def run_bench(args: argparse.Namespace) -> int:
 def evaluate_targets(r: dict[str, Any]) -> None:
     e2e = r["end_to_end"]
     t: dict[str, Any] = {}
+    # The targets are judged on the raw end-to-end figure, settle time included, as the issue
+    # defines them; minus-settle and steady-state figures are reported beside them.
     rate = e2e["rate_minus_settle"]
     if "naive" in r:
         e2e["vs_naive"] = e2e["rate"] / r["naive"]["rate"]
         e2e["vs_naive_minus_settle"] = rate / r["naive"]["rate"]
-        t["vs_naive"] = {"target": TARGET_VS_NAIVE, "value": e2e["vs_naive_minus_settle"],
-                         "met": e2e["vs_naive_minus_settle"] >= TARGET_VS_NAIVE}
+        t["vs_naive"] = {"target": TARGET_VS_NAIVE, "value": e2e["vs_naive"], "met": e2e["vs_naive"] >= TARGET_VS_NAIVE}
     e2e["vs_roofline"] = e2e["rate"] / r["roofline"]["rate"]
     e2e["vs_roofline_minus_settle"] = rate / r["roofline"]["rate"]
-    t["vs_roofline"] = {"target": TARGET_VS_ROOFLINE, "value": e2e["vs_roofline_minus_settle"],
-                        "met": e2e["vs_roofline_minus_settle"] >= TARGET_VS_ROOFLINE}
+    e2e["vs_roofline_steady"] = e2e["rate_steady"] / r["roofline"]["rate"]
+    t["vs_roofline"] = {"target": TARGET_VS_ROOFLINE, "value": e2e["vs_roofline"],
+                        "met": e2e["vs_roofline"] >= TARGET_VS_ROOFLINE}
     if "latency" in r:
         limit = r["settle_seconds"] + TARGET_LATENCY_OVER_SETTLE_S
         t["latency_p99"] = {"target": limit, "value": r["latency"]["p99_s"], "met": r["latency"]["p99_s"] <= limit}
@@ -672,7 +674,10 @@ def render_table(r: dict[str, Any], args: argparse.Namespace) -> str:
                     f"{e['seconds']:.2f} s first rename -> last CSV row; daemon {e['daemon_cores']:.2f} cores; "
                     f"{_other(e['cpu'])}"))
     rows.append(Row("end_to_end_minus_settle", "  end to end minus settle", f"{e['rate_minus_settle']:8.1f} photos/s",
-                    f"{e['seconds_minus_settle']:.2f} s (settle {r['settle_seconds']:g} s: no file may go sooner)"))
+                    f"{e['seconds_minus_settle']:.2f} s (settle {r['settle_seconds']:g} s: no file may be moved sooner; "
+                    "read-ahead works meanwhile)"))
+    rows.append(Row("end_to_end_steady", "  end to end, steady state", f"{e['rate_steady']:8.1f} photos/s",
+                    f"first CSV row ({e['first_row_s']:.2f} s) -> last"))
     if "latency" in r:
         lat = r["latency"]
         rows.append(Row("latency", f"6 latency p50 / p99 ({lat['drops']} drops)",
@@ -700,12 +705,13 @@ def render_table(r: dict[str, Any], args: argparse.Namespace) -> str:
     lines += [f"{x.what:{width}}  {x.value:{vwidth}}  {x.notes}" for x in rows]
     lines.append("")
     if "naive" in r:
-        lines.append(f"end-to-end / naive     {e['vs_naive']:6.1f}x   minus settle {e['vs_naive_minus_settle']:6.1f}x"
-                     f"   (target >= {TARGET_VS_NAIVE:g}x)")
-    lines.append(f"end-to-end / roofline  {e['vs_roofline'] * 100:6.1f}%   minus settle "
-                 f"{e['vs_roofline_minus_settle'] * 100:6.1f}%   (target >= {TARGET_VS_ROOFLINE * 100:g}%)")
-    names = {"vs_naive": "end-to-end (minus settle) >= 20x naive",
-             "vs_roofline": "end-to-end (minus settle) >= 85% of roofline",
+        lines.append(f"end-to-end / naive     {e['vs_naive']:6.1f}x   (minus settle {e['vs_naive_minus_settle']:.1f}x)"
+                     f"   target >= {TARGET_VS_NAIVE:g}x")
+    lines.append(f"end-to-end / roofline  {e['vs_roofline'] * 100:6.1f}%   (minus settle "
+                 f"{e['vs_roofline_minus_settle'] * 100:.1f}%, steady state {e['vs_roofline_steady'] * 100:.1f}%)"
+                 f"   target >= {TARGET_VS_ROOFLINE * 100:g}%")
+    names = {"vs_naive": f"end-to-end >= {TARGET_VS_NAIVE:g}x naive",
+             "vs_roofline": f"end-to-end >= {TARGET_VS_ROOFLINE * 100:g}% of roofline",
              "latency_p99": f"latency p99 <= settle + {TARGET_LATENCY_OVER_SETTLE_S * 1000:.0f} ms",
              "idle_cpu": f"idle CPU < {TARGET_IDLE_CPU_PCT:g}% of a core"}
     for key, t in r["targets"].items():

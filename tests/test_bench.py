@@ -20,7 +20,7 @@ def test_bench_prints_every_measurement(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stdout + res.stderr
     for row in ("1 naive baseline", "2 decode only", "3 inference only", "4 roofline", "5 end to end",
-                "6 latency p50 / p99", "7 idle CPU", "memory idle / under load", "start-up to READY=1",
+                "end to end, steady state", "6 latency p50 / p99", "7 idle CPU", "memory idle / under load", "start-up to READY=1",
                 "end-to-end / naive", "end-to-end / roofline"):
         assert row in res.stdout, f"missing row {row!r} in:\n{res.stdout}"
     figures = json.loads(out.read_text())
