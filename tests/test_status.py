@@ -201,3 +201,17 @@ def test_real_daemon_running_then_stopped(tmp_path: Path, capsys: pytest.Capture
     assert not list(status_dir.glob("*.json"))  # removed on a clean exit
     assert main(["status", "--config", str(daemon.config)]) == 3
     assert capsys.readouterr().out.startswith("bikewatch: not running\n")
+
+
+def test_reader_leaving_early_gets_no_traceback(site: dict[str, Path]) -> None:
+    """`bikewatch status | head -0`: the pipe is closed before the first line is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has already gone
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bikewatch", "status", "--config", str(site["config"])],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "BrokenPipeError" not in proc.stderr
+    assert proc.returncode == 141
