@@ -32,16 +32,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from bikewatch.systemd import NotifyListener
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PHOTOS = REPO.parent / "shared" / "data" / "bikes"
@@ -347,11 +347,8 @@ class Daemon:
         self.config = work / "bench.toml"
         self.config.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in settings.items()))
         self.log_file = work / "daemon.log"
-        self.sock_path = work / "notify.sock"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.notifications: list[str] = []
-        self._ready = threading.Event()
-        self._sock: socket.socket | None = None
+        self.listener: NotifyListener | None = None
 
     @property
     def pid(self) -> int:
@@ -360,41 +357,23 @@ class Daemon:
 
     def start(self, timeout: float = 180.0) -> float:
         """Start the child; seconds until it sent READY=1."""
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(str(self.sock_path))
-        self._sock.settimeout(0.5)
-        env = {**os.environ, "NOTIFY_SOCKET": str(self.sock_path), "TF_CPP_MIN_LOG_LEVEL": "3"}
+        self.listener = NotifyListener(self.work / "notify.sock")
+        env = {**os.environ, **self.listener.env(), "TF_CPP_MIN_LOG_LEVEL": "3"}
         env.pop("WATCHDOG_USEC", None)
         env.pop("WATCHDOG_PID", None)
         t0 = time.monotonic()
         with open(self.log_file, "wb") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "bikewatch", "run", "--config", str(self.config)],
                                          cwd=self.work, env=env, stdout=out, stderr=subprocess.STDOUT)
-        threading.Thread(target=self._drain, daemon=True).start()  # a full socket would block the daemon
+        self.listener.start(self.alive)
         deadline = t0 + timeout
-        while not self._ready.wait(0.05):
+        while not self.listener.ready.wait(0.05):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the daemon exited with {self.proc.returncode} before READY=1:\n{self.tail()}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no READY=1 from the daemon after {timeout:.0f}s:\n{self.tail()}")
-        return self.ready_at - t0
-
-    def _drain(self) -> None:
-        assert self._sock is not None
-        while True:
-            try:
-                data = self._sock.recv(65536)
-            except socket.timeout:
-                if self.proc is None or self.proc.poll() is not None:
-                    return
-                continue
-            except OSError:
-                return
-            text = data.decode(errors="replace")
-            self.notifications.append(text)
-            if "READY=1" in text.splitlines() and not self._ready.is_set():
-                self.ready_at = time.monotonic()
-                self._ready.set()
+        assert self.listener.ready_at is not None
+        return self.listener.ready_at - t0
 
     def tail(self, lines: int = 30) -> str:
         try:
@@ -415,8 +394,8 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        if self._sock is not None:
-            self._sock.close()
+        if self.listener is not None:
+            self.listener.close()
         return self.proc.returncode
 
 

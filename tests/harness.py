@@ -11,7 +11,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from bikewatch.bench import toml_value  # one TOML writer for the bench's daemon and the tests'
+from bikewatch.systemd import NotifyListener  # one NOTIFY_SOCKET receiver for them too
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,7 +57,7 @@ class Daemon:
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
         self.notifications: list[str] = []
-        self._sock: socket.socket | None = None
+        self._listener: NotifyListener | None = None
         self._threads: list[threading.Thread] = []
 
     @property
@@ -65,27 +65,20 @@ class Daemon:
         return self.output / "classifications.csv"
 
     def start(self, *, wait_ready: bool = True, timeout: float = 90.0) -> "Daemon":
-        sock_path = self.root / f"{self.name}.notify"
-        if sock_path.exists():
-            sock_path.unlink()
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(str(sock_path))
-        self._sock.settimeout(0.2)
-        env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "TF_CPP_MIN_LOG_LEVEL": "3",
-               "PYTHONUNBUFFERED": "1", **self.env}
+        self._listener = NotifyListener(self.root / f"{self.name}.notify")
+        env = {**os.environ, **self._listener.env(), "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1", **self.env}
         if "WATCHDOG_USEC" not in self.env:
             env.pop("WATCHDOG_USEC", None)
         self.lines = []
-        self.notifications = []
+        self.notifications = self._listener.messages
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bikewatch", "run", "--config", str(self.config), *self.args],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             encoding="utf-8", errors="replace",
         )
-        self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
-                         threading.Thread(target=self._read_notify, daemon=True)]
-        for t in self._threads:
-            t.start()
+        self._threads = [threading.Thread(target=self._read_stdout, daemon=True)]
+        self._threads[0].start()
+        self._listener.start(lambda: self.proc is not None and self.proc.poll() is None)
         if wait_ready:
             self.wait_ready(timeout)
         return self
@@ -94,20 +87,6 @@ class Daemon:
         assert self.proc and self.proc.stdout
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
-
-    def _read_notify(self) -> None:
-        sock = self._sock
-        assert sock is not None
-        while True:
-            try:
-                data = sock.recv(65536)
-            except socket.timeout:
-                if self.proc is None or self.proc.poll() is not None:
-                    return
-                continue
-            except OSError:
-                return
-            self.notifications.append(data.decode())
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         def ready() -> bool:
@@ -151,16 +130,16 @@ class Daemon:
         code = self.proc.wait(timeout)
         for t in self._threads:
             t.join(timeout=2)
-        if self._sock:
-            self._sock.close()
+        if self._listener:
+            self._listener.close()
         return code
 
     def stop_quietly(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-        if self._sock:
-            self._sock.close()
+        if self._listener:
+            self._listener.close()
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
