@@ -30,7 +30,7 @@ import stat
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 from bikewatch.delivery import fsync_dir, numbered_name, place, rename_noreplace
 from bikewatch.ledger import Ledger, Row
@@ -181,8 +181,13 @@ class WorkArea:
             pass
         os.close(self._lock_fd)
 
-    def orphaned_dirs(self, stale_after: float = 120.0) -> Iterator[Path]:
-        """Work folders of dead workers, each yielded while we hold its lock."""
+    def orphaned_dirs(self, stale_after: float = 120.0, retired: Collection[str] = ()) -> Iterator[Path]:
+        """Work folders of dead workers, each yielded while we hold its lock.
+
+        ``retired`` names folders this very process used before (its inbox's filesystem
+        went away and it started a new one): their lock names a live pid, ours, yet
+        nobody works in them any more.
+        """
         host, now = socket.gethostname(), time.time()
         for entry in sorted(self.root.iterdir()):
             if entry == self.dir or entry.name.startswith(".") or not entry.is_dir():
@@ -198,7 +203,8 @@ class WorkArea:
                 continue  # alive
             try:
                 owner = os.pread(fd, 256, 0).decode("utf-8", "replace")
-                if lock_is_stale(owner, os.fstat(fd).st_mtime, host=host, now=now, stale_after=stale_after):
+                if entry.name in retired or lock_is_stale(owner, os.fstat(fd).st_mtime, host=host, now=now,
+                                                          stale_after=stale_after):
                     yield entry
             finally:
                 os.close(fd)

@@ -112,6 +112,7 @@ class Service:
         self.taken: set[str] = set()  # inbox paths claimed or being claimed
         self.pending: list[Path] = []  # journals whose delivery must be retried
         self.orphans_left = False  # a dead worker's folder could not be recovered yet (output unusable)
+        self._retired: set[str] = set()  # our own earlier work folders, gone with the inbox's filesystem
         self.blocked_until = 0.0
         self.backoff = 0.0
         self.inbox_ok = True
@@ -204,7 +205,7 @@ class Service:
             self.log.info("returned to inbox", source=item.source, reason=why)
 
         self.orphans_left = False
-        for folder in work.orphaned_dirs():
+        for folder in work.orphaned_dirs(retired=self._retired):
             try:
                 res = recover_dir(folder, inbox=self.s.inbox, output=self.s.output, ledger=self.ledger,
                                   digest=digest_file, on_return=on_return)
@@ -416,6 +417,7 @@ class Service:
             self.log.debug("cannot start a new work folder yet", error=str(exc))
             return False
         old.close()
+        self._retired.add(old.name)  # if its filesystem comes back, recovery finishes what it holds
         # Batches journalled in the vanished folder went with it; waiting for them would block for ever.
         self.pending = [p for p in self.pending if p.parent != old.dir]
         self.log.error("work folder vanished with the inbox's filesystem; started a new one",
@@ -655,6 +657,11 @@ class Service:
             self._recover(self.work)
         still: list[Path] = []
         for path in self.pending:
+            if path.parent != self.work.dir:
+                # A batch of a work folder that vanished and was replaced while the batch was in
+                # flight: recovery takes its journal if (when) that filesystem comes back.
+                self.log.debug("retry left to recovery", journal=str(path))
+                continue
             if not path.exists():
                 if not path.parent.is_dir():
                     still.append(path)  # the inbox (with our work folder) is away; it may come back

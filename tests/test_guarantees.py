@@ -385,6 +385,59 @@ def test_inbox_filesystem_unmounted_and_mounted_again(tmp_path: Path, tmpfs, dae
     check_nothing_lost(first + second, inbox, d.output, d.rows())
 
 
+def _bind(source: Path, target: Path) -> None:
+    subprocess.run(["mount", "--bind", str(source), str(target)], check=True, capture_output=True)
+
+
+def _lazy_umount(point: Path) -> None:
+    subprocess.run(["umount", "-l", str(point)], check=True, capture_output=True)
+
+
+def test_inbox_filesystem_swapped_and_the_first_one_back(tmp_path: Path, tmpfs, daemons: list[Daemon]) -> None:
+    """The inbox's filesystem goes away mid-work, another one is mounted, then the first comes back.
+
+    Batches in flight when the first went away sit in its old work folder, whose lock names
+    our own (live) pid: once that filesystem is back, recovery must finish them, and in the
+    meantime intake must not stall waiting for them.
+    """
+    fs_x, fs_y = tmpfs("fs_x", "64m"), tmpfs("fs_y", "16m")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _bind(fs_x, inbox)
+    try:
+        d = Daemon(tmp_path, inbox=inbox, settings={**FAST, "max_batch": 8, "rescan_seconds": 0.5,
+                                                    "retry_max_seconds": 1.0})
+        daemons.append(d)
+        stage = inbox / ".incoming"  # hidden, so ignored, and on the inbox's filesystem
+        first = write_inputs(stage, 300)
+        d.start()
+        move_in(stage, inbox)
+        wait_for(d, lambda: count_rows(d.log_path) >= 40, 60, interval=0.005, what="40 rows")
+        _lazy_umount(inbox)
+        _bind(fs_y, inbox)
+        wait_for(d, lambda: errors(d, WORK_VANISHED), 30, what="a new work folder on the second filesystem")
+        stage = inbox / ".incoming"
+        second = write_inputs(stage, 10, seed=1, prefix="Y_")
+        move_in(stage, inbox)
+        wait_for(d, lambda: sum(os.path.basename(r["source"]).startswith("Y_") for r in d.rows()) == 10, 60,
+                 interval=0.1, what="the second filesystem's photos delivered")
+        _lazy_umount(inbox)
+        _bind(fs_x, inbox)
+        wait_for(d, lambda: len(errors(d, WORK_VANISHED)) >= 2, 30, what="back on the first filesystem")
+        try:
+            wait_for(d, lambda: drained(d, 310) and not work_leftovers(inbox), 90, interval=0.2,
+                     what="everything sorted, the old work folder included")
+        except AssertionError as exc:
+            events = [e for e in d.events() if e.get("event") not in ("sorted", "batch")]
+            raise AssertionError(f"{exc}\nrows {count_rows(d.log_path)}, inbox {inbox_files(inbox)[:5]}, "
+                                 f"work {work_leftovers(inbox)[:8]}\nother events: {events[-25:]}") from None
+        assert d.terminate(30) == 0, d.output_text()
+        places = check_nothing_lost(first + second, inbox, d.output, d.rows())
+        assert places["inbox"] == 0 and len(d.rows()) == 310, places
+    finally:
+        subprocess.run(["umount", "-l", str(inbox)], capture_output=True)
+
+
 # --------------------------------------------------------------------------- ten thousand at once
 
 

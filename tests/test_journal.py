@@ -455,3 +455,19 @@ def test_a_new_work_area_is_never_visible_unlocked(tmp_path: Path) -> None:
     finally:
         first.close()
         second.close()
+
+
+def test_own_retired_work_folder_is_recovered_though_its_lock_names_a_live_pid(tmp_path: Path) -> None:
+    """A folder this process used before its inbox's filesystem went away and came back."""
+    first = WorkArea(tmp_path / ".bikewatch", "w")
+    (first.dir / "b1.json").write_text("{}")  # a batch that was in flight when it vanished
+    first.close()  # the service closes it when it starts a new one
+    assert first.dir.is_dir()
+    second = WorkArea(tmp_path / ".bikewatch", "w")
+    try:
+        assert (first.dir / LOCK_NAME).read_text().split()[1] == str(os.getpid())  # ours: alive
+        assert list(second.orphaned_dirs()) == []
+        assert list(second.orphaned_dirs(retired={first.name})) == [first.dir]
+        assert list(second.orphaned_dirs(retired={second.name})) == []  # never our current one
+    finally:
+        second.close()
