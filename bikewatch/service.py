@@ -328,8 +328,8 @@ class Service:
                    and not self.pending and not self.orphans_left):
                 if not self._maybe_dispatch(pool, now):
                     break
-            if not stopping:
-                self._read_ahead(pool, now)
+            if not stopping and self._read_ahead(pool, now):
+                continue  # the model just classified a read-ahead batch: look again before sleeping
             if self.inflight:
                 self._finish(self.inflight.popleft())
                 continue
@@ -501,11 +501,14 @@ class Service:
             self.readiness.update(seen, time.monotonic())
         return None
 
-    def _read_ahead(self, pool: ThreadPoolExecutor, now: float) -> None:
-        """Read files that are still settling, and classify what was read while the model is idle."""
+    def _read_ahead(self, pool: ThreadPoolExecutor, now: float) -> bool:
+        """Read files that are still settling, and classify what was read while the model is idle.
+
+        True when the model classified a batch (time passed; there may be more to do at once).
+        """
         ra = self.read_ahead
         if not ra.limit:
-            return
+            return False
         ra.harvest()
         while self.inbox_ok and ra.room() > 0 and (rel := ra.due(now)) is not None:
             seen = self.readiness.settling(rel, now, QUIET_SECONDS)
@@ -513,12 +516,14 @@ class Service:
                 continue  # gone, changed again (a later entry is queued), ready already, or read already
             ra.start(seen, pool.submit(prepare, self.s.inbox / rel, rel, max_pixels=self.s.max_pixels))
         if self.inflight or self.classifier is None:
-            return  # the model is busy with claimed batches, which come first
+            return False  # the model is busy with claimed batches, which come first
         entries = ra.unclassified(self.s.max_batch)
-        if entries and (len(entries) >= self.s.max_batch or not ra.reading()):
-            ra.classified(entries, self.classifier.predict(np.stack([e.array for e in entries])),
-                          self.classifier.identity)
-            self.log.debug("read ahead", classified=len(entries), held=len(ra))
+        if not entries or (len(entries) < self.s.max_batch and ra.reading()):
+            return False
+        ra.classified(entries, self.classifier.predict(np.stack([e.array for e in entries])),
+                      self.classifier.identity)
+        self.log.debug("read ahead", classified=len(entries), held=len(ra))
+        return True
 
     def _finish(self, batch: InFlight) -> None:
         assert self.classifier is not None
