@@ -171,7 +171,10 @@ def _compiled_call(keras_model: Any) -> Any:
     """One traced graph for any batch size: no per-call overhead of ``model.predict``."""
     import tensorflow as tf
 
-    @tf.function(input_signature=[tf.TensorSpec([None, SIZE, SIZE, 3], tf.float32)], reduce_retracing=True)
+    # autograph=False: the body has no Python control flow to convert, and autograph would leave
+    # an __autograph_generated_file*.py in the temp folder at every start of the service.
+    @tf.function(input_signature=[tf.TensorSpec([None, SIZE, SIZE, 3], tf.float32)], reduce_retracing=True,
+                 autograph=False)
     def call(x: Any) -> Any:
         return keras_model(x, training=False)
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -449,3 +452,19 @@ def test_default_model_handles_mirrored_photos(default_classifier, shared_test_p
     labels = default_classifier.labels(default_classifier.predict(preprocessed(mirrored)))
     correct = sum(a == b for a, (_, b) in zip(labels, shared_test_photos))
     assert correct >= 10, labels
+
+
+def test_the_service_model_leaves_nothing_in_the_temp_folder(tmp_path: Path) -> None:
+    """A service killed many times must not litter TMPDIR.
+
+    Autograph writes a .py file per traced function and removes it only at a clean exit;
+    os._exit stands in for SIGKILL, an OOM kill or a power cut.
+    """
+    code = ("import os, numpy as np\nfrom bikewatch.model import load_classifier\n"
+            "print(load_classifier().predict(np.zeros((2, 64, 64, 3), np.float32)).shape, flush=True)\n"
+            "os._exit(0)")
+    env = {**os.environ, "TMPDIR": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "(2, 2)" in res.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
