@@ -101,3 +101,13 @@ def test_serves_metrics_over_http_on_loopback() -> None:
         m.close()
     assert samples(text)[("bikewatch_inbox_backlog", ())] == 17
     assert server.server_address[0] == "127.0.0.1"
+
+
+def test_read_ahead_counters_follow_the_running_totals() -> None:
+    m = Metrics()
+    value = m.registry.get_sample_value
+    assert value("bikewatch_read_ahead_total", {"outcome": "used"}) == 0
+    m.read_ahead_totals(used=3, discarded=1)
+    m.read_ahead_totals(used=5, discarded=1)
+    assert value("bikewatch_read_ahead_total", {"outcome": "used"}) == 5
+    assert value("bikewatch_read_ahead_total", {"outcome": "discarded"}) == 1
