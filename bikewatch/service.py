@@ -632,8 +632,8 @@ class Service:
             else:
                 self.log.info("sorted", source=item.source, destination=item.dest, label=item.label,
                               confidence=round(item.confidence or 0.0, 4))
-        self.log.info("batch", size=len(items), classified=good, read_ahead=len(batch.early), infer_ms=round(infer_ms, 1),
-                      total_ms=round((time.monotonic() - batch.started) * 1000, 1))
+        self.log.info("batch", size=len(items), classified=good, read_ahead=len(batch.early),
+                      infer_ms=round(infer_ms, 1), total_ms=round((time.monotonic() - batch.started) * 1000, 1))
         self._publish_status(time.monotonic(), force=True)
         if self.on_batch:
             self.on_batch(result.delivered)
