@@ -362,12 +362,18 @@ def test_inbox_renamed_away_and_back(tmp_path: Path, daemons: list[Daemon]) -> N
     assert len(errors(d, INBOX_UNAVAILABLE)) == 1, errors(d)
 
 
-def test_inbox_filesystem_unmounted_and_mounted_again(tmp_path: Path, tmpfs, daemons: list[Daemon]) -> None:
-    """The inbox is a mount that goes away (lazily, as a busy mount does) and comes back empty."""
-    inbox = tmpfs("inbox", "64m")
+def _mount_test_daemon(tmp_path: Path, inbox: Path, daemons: list[Daemon]) -> Daemon:
+    """A daemon for the inbox-mount tests: small batches, rescans every 0.5 s, retries within 1 s."""
     d = Daemon(tmp_path, inbox=inbox, settings={**FAST, "max_batch": 8, "rescan_seconds": 0.5,
                                                 "retry_max_seconds": 1.0})
     daemons.append(d)
+    return d
+
+
+def test_inbox_filesystem_unmounted_and_mounted_again(tmp_path: Path, tmpfs, daemons: list[Daemon]) -> None:
+    """The inbox is a mount that goes away (lazily, as a busy mount does) and comes back empty."""
+    inbox = tmpfs("inbox", "64m")
+    d = _mount_test_daemon(tmp_path, inbox, daemons)
     stage = inbox / ".incoming"  # hidden, so ignored, and on the inbox's filesystem
     first = write_inputs(stage, 20)
     d.start()
@@ -405,9 +411,7 @@ def test_inbox_filesystem_swapped_and_the_first_one_back(tmp_path: Path, tmpfs, 
     inbox.mkdir()
     _bind(fs_x, inbox)
     try:
-        d = Daemon(tmp_path, inbox=inbox, settings={**FAST, "max_batch": 8, "rescan_seconds": 0.5,
-                                                    "retry_max_seconds": 1.0})
-        daemons.append(d)
+        d = _mount_test_daemon(tmp_path, inbox, daemons)
         stage = inbox / ".incoming"  # hidden, so ignored, and on the inbox's filesystem
         first = write_inputs(stage, 300)
         d.start()
