@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from bikewatch.preprocess import PreprocessError, preprocess_bytes
+from bikewatch.watching import Signature, stat_signature
 
 MAX_FILE_BYTES = 512 * 1024 * 1024
 """Larger files are hashed in chunks and rejected, never read into memory whole."""
@@ -45,7 +46,7 @@ class Prepared:
     error: str = ""
     # (size, mtime_ns, ctime_ns, inode) when the bytes read are known to be the file's whole content
     # as long as a later lstat shows the same four values; None when that cannot be vouched for.
-    signature: tuple[int, int, int, int] | None = None
+    signature: Signature | None = None
 
 
 def digest_file(path: Path) -> str:
@@ -67,13 +68,13 @@ COARSE_VOUCH_AGE_NS = 2_100_000_000
 """The same for filesystems whose times have whole seconds only (FAT keeps 2 s)."""
 
 
-def signature_of(before: os.stat_result, after: os.stat_result, read_began_ns: int) -> tuple[int, int, int, int] | None:
+def signature_of(before: os.stat_result, after: os.stat_result, read_began_ns: int) -> Signature | None:
     """The signature that vouches for bytes read between the two fstats, or None; pure.
 
     ``read_began_ns`` is the wall clock taken before ``before``.
     """
-    sig = (before.st_size, before.st_mtime_ns, before.st_ctime_ns, before.st_ino)
-    if sig != (after.st_size, after.st_mtime_ns, after.st_ctime_ns, after.st_ino):
+    sig = stat_signature(before)
+    if sig != stat_signature(after):
         return None  # written to while we read
     age = read_began_ns - before.st_ctime_ns
     needed = COARSE_VOUCH_AGE_NS if before.st_ctime_ns % 1_000_000_000 == 0 else VOUCH_AGE_NS
@@ -82,8 +83,12 @@ def signature_of(before: os.stat_result, after: os.stat_result, read_began_ns: i
     return sig
 
 
-def prepare(path: Path, key: str, *, max_pixels: int) -> Prepared:
-    """Read a claimed file once: hash and preprocess the same bytes. Never follows links."""
+def prepare(path: Path, key: str, *, max_pixels: int, vouch: bool = False) -> Prepared:
+    """Read a claimed file once: hash and preprocess the same bytes. Never follows links.
+
+    With ``vouch`` (a read ahead of the claim), the result carries the signature the read
+    vouches for (see :func:`signature_of`); a claimed file needs none.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
@@ -95,7 +100,7 @@ def prepare(path: Path, key: str, *, max_pixels: int) -> Prepared:
             return Prepared(key, None, "", st.st_size, st.st_mtime_ns, "symbolic link (never followed)")
         return Prepared(key, None, "", st.st_size, st.st_mtime_ns, f"cannot open file: {exc.strerror}")
     try:
-        began_ns = time.time_ns()
+        began_ns = time.time_ns() if vouch else 0
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return Prepared(key, None, "", 0, st.st_mtime_ns, "not a regular file")
@@ -104,7 +109,7 @@ def prepare(path: Path, key: str, *, max_pixels: int) -> Prepared:
                             f"file too large ({st.st_size} bytes)")
         with os.fdopen(fd, "rb", closefd=False) as fh:
             data = fh.read()
-        sig = signature_of(st, os.fstat(fd), began_ns) if len(data) == st.st_size else None
+        sig = signature_of(st, os.fstat(fd), began_ns) if vouch and len(data) == st.st_size else None
     except OSError as exc:
         return Prepared(key, None, "", 0, 0, f"cannot read file: {exc.strerror}")
     finally:

@@ -4,7 +4,8 @@ A photo moved into the inbox must sit still for ``settle_seconds`` before bikewa
 takes it, and in a big dump the cores would idle all that while. Reading a file
 changes nothing, so the service reads, decodes and classifies files that are still
 settling, and keeps each result with the signature the read vouched for (size,
-mtime, ctime, inode; see :func:`bikewatch.batching.signature_of`).
+mtime, ctime, inode: :data:`bikewatch.watching.Signature`; see
+:func:`bikewatch.batching.signature_of`).
 
 When the file is claimed, a result is used only if the lstat taken just before the
 claim shows that very signature; otherwise the claimed file is read again as if
@@ -30,11 +31,6 @@ from bikewatch.watching import Seen
 
 QUIET_SECONDS = 0.1
 """A file is read ahead once it has been unchanged this long (a copy in progress changes every few ms)."""
-
-
-def signature(seen: Seen) -> tuple[int, int, int, int]:
-    """The fields of an lstat that a read-ahead result must match; pure."""
-    return (seen.size, seen.mtime_ns, seen.ctime_ns, seen.ino)
 
 
 @dataclass
@@ -114,7 +110,7 @@ class ReadAhead:
         entry = self._entries.get(seen.rel)
         if entry is None:
             return True
-        if signature(entry.seen) == signature(seen):
+        if entry.seen.signature == seen.signature:
             return False
         # Changed since it was read ahead: drop the result; it will be read at the claim.
         self._drop(seen.rel)
@@ -144,7 +140,7 @@ class ReadAhead:
                 prepared = None if future.cancelled() else future.result()
             except Exception:  # noqa: BLE001 - the claim reads the file again and reports it
                 prepared = None
-            if prepared is None or prepared.signature is None or prepared.signature != signature(entry.seen):
+            if prepared is None or prepared.signature is None or prepared.signature != entry.seen.signature:
                 self._drop(rel)
                 continue
             entry.result = replace(prepared, array=None)
@@ -177,7 +173,7 @@ class ReadAhead:
         if entry is None:
             return None
         self._drop(fresh.rel, wasted=False)
-        if entry.result is None or entry.result.signature != signature(fresh):
+        if entry.result is None or entry.result.signature != fresh.signature:
             self.wasted += 1
             return None
         if entry.result.error == "" and entry.array is None and (entry.probs is None or entry.model != model):

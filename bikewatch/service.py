@@ -490,9 +490,7 @@ class Service:
     def _unchanged(self, s: Seen) -> Seen | None:
         """A fresh lstat of ``s`` when it still describes the file; otherwise None, and its settle time starts again."""
         seen = observe(self.s.inbox, s.rel)
-        if seen is not None and (seen.size, seen.mtime_ns, seen.ino, seen.regular, seen.ctime_ns) == (
-            s.size, s.mtime_ns, s.ino, s.regular, s.ctime_ns
-        ):
+        if seen is not None and seen.signature == s.signature and seen.regular == s.regular:
             return seen
         self._ready_since.pop(s.rel, None)
         if seen is None:
@@ -514,7 +512,7 @@ class Service:
             seen = self.readiness.settling(rel, now, QUIET_SECONDS)
             if seen is None or rel in self.taken or not ra.wanted(seen):
                 continue  # gone, changed again (a later entry is queued), ready already, or read already
-            ra.start(seen, pool.submit(prepare, self.s.inbox / rel, rel, max_pixels=self.s.max_pixels))
+            ra.start(seen, pool.submit(prepare, self.s.inbox / rel, rel, max_pixels=self.s.max_pixels, vouch=True))
         if self.inflight or self.classifier is None:
             return False  # the model is busy with claimed batches, which come first
         entries = ra.unclassified(self.s.max_batch)

@@ -30,6 +30,16 @@ NETWORK_FS = frozenset(
 )
 
 
+Signature = tuple[int, int, int, int]
+"""(size, mtime_ns, ctime_ns, inode): what changes whenever a file's content does."""
+
+
+def stat_signature(st: os.stat_result) -> Signature:
+    """A file's :data:`Signature` from its stat; pure. The ctime is in it because a writer can
+    put size and mtime back (``cp -p``, ``touch -r``), never the ctime."""
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
 @dataclass(frozen=True)
 class Seen:
     """One observation of a candidate file."""
@@ -40,6 +50,10 @@ class Seen:
     ino: int
     regular: bool  # False for symlinks, FIFOs, sockets, devices
     ctime_ns: int = 0  # changes with every write, chmod or rename, and cannot be set back by a writer
+
+    @property
+    def signature(self) -> Signature:
+        return (self.size, self.mtime_ns, self.ctime_ns, self.ino)
 
 
 def is_ignored(name: str, patterns: Iterable[str]) -> bool:
@@ -135,21 +149,22 @@ class Readiness:
     def update(self, seen: Seen, now: float) -> bool:
         """Record an observation; True when it is new or the file changed (its settle time starts now)."""
         track = self._tracks.get(seen.rel)
-        # ctime too: a writer can put size and mtime back (cp -p, touch -r), never the ctime.
-        if track is None or (track.seen.size, track.seen.mtime_ns, track.seen.ino, track.seen.ctime_ns) != (
-            seen.size, seen.mtime_ns, seen.ino, seen.ctime_ns
-        ):
+        if track is None or track.seen.signature != seen.signature:
             new = _Track(seen, now, closed=False)
             self._tracks[seen.rel] = new
             if self._sorted and self._order and _order_key(new) < _order_key(self._order[-1]):
                 self._sorted = False  # not the newest (clocks from different calls): sort on next use
             self._order.append(new)
-            if len(self._order) > 2 * len(self._tracks) + 64:  # a busy writer's superseded tracks
-                self._order = sorted(self._tracks.values(), key=_order_key)
-                self._sorted = True
+            self._compact()  # a busy writer's superseded tracks pile up between ready() calls
             self._due_at = min(self._due_at, now + self._needed(new))
             return True
         return False
+
+    def _compact(self) -> None:
+        """Sort the order list when it is out of order or mostly entries that were superseded."""
+        if not self._sorted or len(self._order) > 2 * len(self._tracks) + 64:
+            self._order = sorted(self._tracks.values(), key=_order_key)
+            self._sorted = True
 
     def mark_closed(self, rel: str) -> None:
         """A close-after-write: the writer is done, a short settle suffices."""
@@ -175,9 +190,7 @@ class Readiness:
         """Candidates unchanged for long enough, oldest first; the first ``limit`` of them when given."""
         if now < self._due_at:
             return []
-        if not self._sorted or len(self._order) > 2 * len(self._tracks) + 64:
-            self._order = sorted(self._tracks.values(), key=_order_key)
-            self._sorted = True
+        self._compact()
         out: list[Seen] = []
         lead, counting = 0, True  # entries forgotten or replaced before the first live one: dropped below
         due_at = math.inf

@@ -83,21 +83,23 @@ def test_signature_waits_longer_on_whole_second_timestamps() -> None:
 def test_prepare_vouches_only_for_a_file_still_for_long_enough(tmp_path: Path) -> None:
     p = tmp_path / "a.jpg"
     p.write_bytes(_jpeg(1))
-    fresh = prepare(p, "a", max_pixels=MAX_PIXELS)
+    fresh = prepare(p, "a", max_pixels=MAX_PIXELS, vouch=True)
     wait_until(lambda: _old_enough(p), 5, interval=0.01, what="ctime to age")
-    still = prepare(p, "a", max_pixels=MAX_PIXELS)
+    still = prepare(p, "a", max_pixels=MAX_PIXELS, vouch=True)
+    claimed = prepare(p, "a", max_pixels=MAX_PIXELS)
     st = os.stat(p)
     assert fresh.signature is None
     assert still.signature == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    assert claimed.signature is None  # a read at the claim vouches for nothing
 
 
 # ----- ReadAhead: bookkeeping, on real reads --------------------------------------------------------
 
 
-def _read_ahead_one(ra: ReadAhead, pool: ThreadPoolExecutor, inbox: Path, rel: str, now: float) -> None:
+def _read_ahead_one(ra: ReadAhead, pool: ThreadPoolExecutor, inbox: Path, rel: str) -> None:
     seen = observe(inbox, rel)
     assert seen is not None and ra.wanted(seen)
-    future = pool.submit(prepare, inbox / rel, rel, max_pixels=MAX_PIXELS)
+    future = pool.submit(prepare, inbox / rel, rel, max_pixels=MAX_PIXELS, vouch=True)
     ra.start(seen, future)
     future.result()
     ra.harvest()
@@ -127,7 +129,7 @@ def test_result_used_for_the_unchanged_file_with_the_model_answer(tmp_path: Path
     wait_until(lambda: _old_enough(tmp_path / "a.jpg"), 5, interval=0.01, what="ctime to age")
     ra = ReadAhead(limit=10, reading_max=4, arrays_max=8)
     with ThreadPoolExecutor(2) as pool:
-        _read_ahead_one(ra, pool, tmp_path, "a.jpg", 0.0)
+        _read_ahead_one(ra, pool, tmp_path, "a.jpg")
     entries = ra.unclassified(32)
     assert len(entries) == 1
     probs = default_classifier.predict(np.stack([e.array for e in entries]))
@@ -147,7 +149,7 @@ def test_result_of_another_model_is_not_used(tmp_path: Path, default_classifier)
     wait_until(lambda: _old_enough(tmp_path / "a.jpg"), 5, interval=0.01, what="ctime to age")
     ra = ReadAhead(limit=10, reading_max=4, arrays_max=8)
     with ThreadPoolExecutor(2) as pool:
-        _read_ahead_one(ra, pool, tmp_path, "a.jpg", 0.0)
+        _read_ahead_one(ra, pool, tmp_path, "a.jpg")
     entries = ra.unclassified(32)
     ra.classified(entries, default_classifier.predict(np.stack([e.array for e in entries])), "old@123")
     assert ra.take(observe(tmp_path, "a.jpg"), default_classifier.identity) is None
@@ -161,7 +163,7 @@ def test_file_rewritten_with_same_size_and_mtime_is_not_taken_for_the_one_read(t
     wait_until(lambda: _old_enough(p), 5, interval=0.01, what="ctime to age")
     ra = ReadAhead(limit=10, reading_max=4, arrays_max=8)
     with ThreadPoolExecutor(2) as pool:
-        _read_ahead_one(ra, pool, tmp_path, "a.jpg", 0.0)
+        _read_ahead_one(ra, pool, tmp_path, "a.jpg")
     st = os.stat(p)
     with open(p, "r+b") as fh:  # in place: same inode, same size
         fh.write(second)
@@ -178,7 +180,7 @@ def test_a_file_that_changes_after_its_read_is_not_read_ahead_again(tmp_path: Pa
     wait_until(lambda: _old_enough(p), 5, interval=0.01, what="ctime to age")
     ra = ReadAhead(limit=10, reading_max=4, arrays_max=8)
     with ThreadPoolExecutor(2) as pool:
-        _read_ahead_one(ra, pool, tmp_path, "slow.jpg", 0.0)
+        _read_ahead_one(ra, pool, tmp_path, "slow.jpg")
     assert len(ra) == 1  # a truncated JPEG: its rejection is a result too
     with open(p, "ab") as fh:
         fh.write(b"more")
@@ -195,7 +197,7 @@ def test_read_too_soon_after_a_change_is_dropped(tmp_path: Path) -> None:
     p.write_bytes(_jpeg(5))
     ra = ReadAhead(limit=10, reading_max=4, arrays_max=8)
     with ThreadPoolExecutor(2) as pool:
-        _read_ahead_one(ra, pool, tmp_path, "new.jpg", 0.0)  # at once: the ctime is too fresh
+        _read_ahead_one(ra, pool, tmp_path, "new.jpg")  # at once: the ctime is too fresh
     assert len(ra) == 0 and ra.wasted == 1
 
 
@@ -207,12 +209,12 @@ def test_room_is_bounded_by_the_limit_and_by_arrays_waiting_for_the_model(tmp_pa
     wait_until(lambda: _old_enough(tmp_path / "2.jpg"), 5, interval=0.01, what="ctime to age")
     with ThreadPoolExecutor(2) as pool:
         for i in range(2):
-            _read_ahead_one(ra, pool, tmp_path, f"{i}.jpg", 0.0)
+            _read_ahead_one(ra, pool, tmp_path, f"{i}.jpg")
         assert ra.room() == 0  # two arrays wait for the model
         entries = ra.unclassified(32)
         ra.classified(entries, np.full((len(entries), 2), 0.5, dtype=np.float32), "m")
         assert ra.room() == 1  # the limit: 3 files held at most
-        _read_ahead_one(ra, pool, tmp_path, "2.jpg", 0.0)
+        _read_ahead_one(ra, pool, tmp_path, "2.jpg")
     assert len(ra) == 3 and ra.room() == 0
     ra.forget("0.jpg")
     ra.retain({"2.jpg"})
