@@ -92,7 +92,7 @@ class Daemon:
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"{self.name} exited with {self.proc.returncode} before READY:\n{self.output_text()}")
-            return any("READY=1" in n for n in self.notifications)
+            return self._listener is not None and self._listener.ready.is_set()
 
         wait_until(ready, timeout, what=f"{self.name} READY=1")
 
