@@ -14,7 +14,7 @@ On the same photos and the same machine it measures:
    inbox at once, timed from the first rename to the last CSV row;
 6. **latency**: single photos dropped into a quiet inbox, from the rename to
    the CSV row, raw and minus the settle time the daemon waits by design
-   (a rename makes no close-after-write event, so ``settle_seconds`` applies);
+   (a rename into the inbox says "complete", so ``closed_settle_seconds`` applies);
 7. **idle cost**: CPU the daemon uses with an empty inbox, its memory idle and
    under load, and its start-up time to ``READY=1``.
 
@@ -495,6 +495,8 @@ def run_bench(args: argparse.Namespace) -> int:
     batch = args.batch or int(overrides.get("max_batch", defaults.max_batch))
     settle_s = float(overrides.get("settle_seconds", defaults.settle_seconds))
     closed_settle_s = float(overrides.get("closed_settle_seconds", defaults.closed_settle_seconds))
+    # Every photo here arrives by rename, the upload contract's "complete" signal: the short settle applies.
+    rename_settle_s = min(closed_settle_s, settle_s)
     workers = int(overrides.get("decode_workers", defaults.decode_workers)) or (os.cpu_count() or 1)
     max_pixels = int(overrides.get("max_pixels", defaults.max_pixels))
     for name in ("photos", "naive", "latency_drops"):
@@ -513,6 +515,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "machine": {"cores": os.cpu_count(), "loadavg_start": os.getloadavg()[0]},
             "photos_from": origin, "distinct_photos": len(photos), "batch": batch,
             "settle_seconds": settle_s, "closed_settle_seconds": closed_settle_s,
+            "rename_settle_seconds": rename_settle_s,
         }
 
         import numpy as np  # noqa: F401  (after the env var above)
@@ -555,8 +558,8 @@ def run_bench(args: argparse.Namespace) -> int:
         if drops:
             log(f"latency: {len(drops)} single drops")
             lat = measure_latency(daemon, counter, drops, inbox)
-            lat["p50_minus_settle_s"] = lat["p50_s"] - settle_s
-            lat["p99_minus_settle_s"] = lat["p99_s"] - settle_s
+            lat["p50_minus_settle_s"] = lat["p50_s"] - rename_settle_s
+            lat["p99_minus_settle_s"] = lat["p99_s"] - rename_settle_s
             result["latency"] = lat
         # 2. decode only, 3. inference only, 4. roofline: right before the end-to-end run, which
         # they are compared with (this machine's speed drifts by 10% over minutes; the daemon idles).
@@ -571,7 +574,7 @@ def run_bench(args: argparse.Namespace) -> int:
         del arrays, classifier
         log(f"end to end: {args.photos} photos")
         e2e = measure_end_to_end(daemon, counter, staged, inbox)
-        e2e["seconds_minus_settle"] = e2e["seconds"] - settle_s
+        e2e["seconds_minus_settle"] = e2e["seconds"] - rename_settle_s
         e2e["rate_minus_settle"] = e2e["photos"] / e2e["seconds_minus_settle"]
         e2e["hwm_kib"] = proc_status_kib(daemon.pid, "VmHWM")
         e2e["rss_kib"] = proc_status_kib(daemon.pid, "VmRSS")
@@ -622,7 +625,7 @@ def evaluate_targets(r: dict[str, Any]) -> None:
     t["vs_roofline"] = {"target": TARGET_VS_ROOFLINE, "value": e2e["vs_roofline"],
                         "met": e2e["vs_roofline"] >= TARGET_VS_ROOFLINE}
     if "latency" in r:
-        limit = r["settle_seconds"] + TARGET_LATENCY_OVER_SETTLE_S
+        limit = r.get("rename_settle_seconds", r["settle_seconds"]) + TARGET_LATENCY_OVER_SETTLE_S
         t["latency_p99"] = {"target": limit, "value": r["latency"]["p99_s"], "met": r["latency"]["p99_s"] <= limit}
     t["idle_cpu"] = {"target": TARGET_IDLE_CPU_PCT, "value": r["idle"]["pct_of_core"],
                      "met": r["idle"]["pct_of_core"] < TARGET_IDLE_CPU_PCT}
@@ -653,8 +656,8 @@ def render_table(r: dict[str, Any], args: argparse.Namespace) -> str:
                     f"{e['seconds']:.2f} s first rename -> last CSV row; daemon {e['daemon_cores']:.2f} cores; "
                     f"{_other(e['cpu'])}"))
     rows.append(Row("end_to_end_minus_settle", "  end to end minus settle", f"{e['rate_minus_settle']:8.1f} photos/s",
-                    f"{e['seconds_minus_settle']:.2f} s (settle {r['settle_seconds']:g} s: no file may be moved sooner; "
-                    "read-ahead works meanwhile)"))
+                    f"{e['seconds_minus_settle']:.2f} s (settle after a rename {r['rename_settle_seconds']:g} s: "
+                    "no file may be moved sooner)"))
     rows.append(Row("end_to_end_steady", "  end to end, steady state", f"{e['rate_steady']:8.1f} photos/s",
                     f"first CSV row ({e['first_row_s']:.2f} s) -> last"))
     if "latency" in r:
@@ -664,8 +667,8 @@ def render_table(r: dict[str, Any], args: argparse.Namespace) -> str:
                         "rename into inbox -> CSV row"))
         rows.append(Row("latency_minus_settle", "  latency minus settle p50 / p99",
                         f"{lat['p50_minus_settle_s'] * 1000:6.0f} / {lat['p99_minus_settle_s'] * 1000:.0f} ms",
-                        f"settle_seconds {r['settle_seconds']:g} (a rename has no close-write event; "
-                        f"closed_settle {r['closed_settle_seconds']:g} s is for close-writes)"))
+                        f"closed_settle_seconds {r['rename_settle_seconds']:g} (a rename into the inbox says "
+                        f"\"complete\"; settle_seconds {r['settle_seconds']:g} s is for files with no such signal)"))
     idle = r["idle"]
     rows.append(Row("idle_cpu", f"7 idle CPU ({idle['seconds']:.0f} s, empty inbox)",
                     f"{idle['pct_of_core']:8.2f} % of a core",

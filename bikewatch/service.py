@@ -44,6 +44,12 @@ from bikewatch.watching import (
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 
 
+STATUS_IDLE_SECONDS = 5.0
+"""How often STATUS, the status file and the metrics are refreshed with nothing happening."""
+STATUS_BUSY_SECONDS = 1.0
+"""How soon after a finished batch they show it (not after every batch: see ``_publish_status``)."""
+
+
 def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
@@ -107,7 +113,6 @@ class Service:
         self.ledger = Ledger(settings.log_path)
         self.counts = Counts()
         self.metrics = Metrics()
-        self._last_metrics = 0.0
         self.inflight: collections.deque[InFlight] = collections.deque()
         self.taken: set[str] = set()  # inbox paths claimed or being claimed
         self.pending: list[Path] = []  # journals whose delivery must be retried
@@ -122,6 +127,7 @@ class Service:
         self._model_stat: tuple[int, int, int] | None = None
         self._next_model_check = 0.0
         self._last_status = 0.0
+        self._status_owed = False  # a batch finished since the status was last published
         self._ready_since: dict[str, float] = {}
         self._started_at = utc_now()
         self.workers = settings.decode_workers or max(1, os.cpu_count() or 1)
@@ -158,7 +164,10 @@ class Service:
         path = self.s.model
         started = time.monotonic()
         classifier = load_classifier(path)
-        classifier.predict(np.zeros((1, 64, 64, 3), dtype=np.float32))  # trace the graph before READY
+        # Trace the graph before READY, and let oneDNN set up its kernels for a full batch too:
+        # otherwise the first batch of the first dump pays for that (about 50 ms on 2 cores).
+        for size in sorted({1, self.s.max_batch}):
+            classifier.predict(np.zeros((size, 64, 64, 3), dtype=np.float32))
         self._model_stat = self._stat_model()
         self.log.info(
             "model loaded", model=classifier.identity, path=str(classifier.path),
@@ -307,7 +316,7 @@ class Service:
                 if not self.pending:
                     return
             paths, closed, rescan = self.hints.take()
-            for rel in paths:
+            for rel in sorted(paths):  # in Readiness's order (same clock, then name): nothing to re-sort
                 self._observe(rel, now)
             for rel in closed:
                 self.readiness.mark_closed(rel)
@@ -352,6 +361,8 @@ class Service:
             waits.append(self.notifier.watchdog_interval / 2)
         if self.s.watch_model and self.s.model is not None:
             waits.append(self._next_model_check - now)
+        if self._status_owed:
+            waits.append(self._last_status + STATUS_BUSY_SECONDS - now)
         read_due = self.read_ahead.next_due(now)
         if read_due is not None:
             waits.append(read_due)
@@ -683,9 +694,17 @@ class Service:
             self._block(now)
 
     def _publish_status(self, now: float, force: bool = False) -> None:
-        if not force and now - self._last_status < 5:
+        """STATUS, the status file and the metrics: every 5 s, and within 1 s of a finished batch.
+
+        Not after every batch: each publication is a file write and a rename inside the watched
+        inbox, whose events cost the observer threads CPU that sorting needs during a burst.
+        """
+        if force:
+            self._status_owed = True
+        if now - self._last_status < (STATUS_BUSY_SECONDS if self._status_owed else STATUS_IDLE_SECONDS):
             return
         self._last_status = now
+        self._status_owed = False
         by = self.counts.by_label
         counts: dict[str, Any] = {
             "sorted": {k: by[k] for k in (*CLASSES, LABEL_UNSURE) if by[k]},
@@ -697,13 +716,11 @@ class Service:
         self.metrics.set_backlog(len(self.readiness))
         self.metrics.read_ahead_totals(self.read_ahead.used, self.read_ahead.wasted)
         self.metrics.set_blocked(self.blocked_until > time.monotonic())
-        if not force or now - self._last_metrics >= 1.0:  # forced after every batch: at most 1/s
-            self._write_metrics(now)
+        self._write_metrics(now)
 
     def _write_metrics(self, now: float) -> None:
         if self.s.metrics_textfile is None:
             return
-        self._last_metrics = now
         try:
             self.metrics.write_textfile(self.s.metrics_textfile)
         except OSError as exc:

@@ -6,8 +6,10 @@ any inotify queue overflow make sure nothing is forgotten. On network and
 FUSE filesystems inotify does not see writes made by other machines, so
 bikewatch polls there instead (:func:`needs_polling`).
 
-A file is *ready* once its size and mtime have stayed unchanged for the
-settle time (shortened after a close-after-write event).
+A file is *ready* once its size, mtime and ctime have stayed unchanged for
+the settle time. A writer's "done" signal shortens it: a close-after-write, or
+a rename into the inbox (the upload contract: write under a temporary name,
+then rename). Any write after that signal restarts the full settle time.
 """
 
 from __future__ import annotations
@@ -153,9 +155,10 @@ class Readiness:
             new = _Track(seen, now, closed=False)
             self._tracks[seen.rel] = new
             if self._sorted and self._order and _order_key(new) < _order_key(self._order[-1]):
-                self._sorted = False  # not the newest (clocks from different calls): sort on next use
+                self._sorted = False  # out of order: sorted once, by the next ready(), not here
             self._order.append(new)
-            self._compact()  # a busy writer's superseded tracks pile up between ready() calls
+            if len(self._order) > 2 * len(self._tracks) + 64:
+                self._compact()  # a busy writer's superseded tracks pile up between ready() calls
             self._due_at = min(self._due_at, now + self._needed(new))
             return True
         return False
@@ -167,7 +170,10 @@ class Readiness:
             self._sorted = True
 
     def mark_closed(self, rel: str) -> None:
-        """A close-after-write: the writer is done, a short settle suffices."""
+        """The writer is done (a close-after-write, or a rename into the inbox): a short settle suffices.
+
+        Only the current observation is marked: a write after it is a new observation,
+        which needs the full settle time again until the next such signal."""
         track = self._tracks.get(rel)
         if track is not None:
             track.closed = True
@@ -267,6 +273,7 @@ class Hints:
         self.wake = threading.Event()
 
     def add(self, rel: str, *, closed: bool = False, rescan: bool = False) -> None:
+        """Note a path to look at; ``closed`` when the event says its writer is done."""
         with self._lock:
             if rescan:
                 self._rescan = True
@@ -312,6 +319,12 @@ unpaired move only means "created" + "deleted" instead of "moved", which gives
 the same hint.
 """
 
+DONE_EVENTS = frozenset({"closed", "moved"})
+"""Event types that say a file's writer is done with it: a close after writing, and a
+rename into the inbox. A plain IN_CREATE is not one: the writer may not have written yet.
+The observer reports an IN_MOVED_TO from outside the inbox as a move (watchdog's "full
+events"), not as a creation, so that the two can be told apart."""
+
 HINT_EVENTS = ("FileCreatedEvent", "DirCreatedEvent", "FileMovedEvent", "DirMovedEvent", "FileModifiedEvent",
                "FileAttribEvent", "FileClosedEvent")
 """The events that make hints. Naming them lets watchdog leave IN_OPEN and
@@ -335,7 +348,7 @@ class InboxWatcher:
 
     def __init__(self, inbox: Path, hints: Hints, skip: Path) -> None:
         from watchdog.events import FileSystemEvent, FileSystemEventHandler
-        from watchdog.observers import Observer
+        from watchdog.observers.inotify import InotifyObserver
 
         self.inbox = inbox
         self.hints = hints
@@ -352,21 +365,25 @@ class InboxWatcher:
             def on_any_event(self, event: FileSystemEvent) -> None:
                 if event.event_type in ("opened", "closed_no_write", "deleted"):
                     return
-                path = getattr(event, "dest_path", "") or event.src_path
-                rel = rel_of(path)
+                dest = getattr(event, "dest_path", "")
+                if event.event_type == "moved" and not dest:
+                    return  # moved out of the inbox: like a deletion
+                rel = rel_of(dest or event.src_path)
                 if rel is None or rel == ".":
                     return
                 if event.is_directory:
                     if event.event_type in ("created", "moved"):
                         hints.request_rescan()  # a whole folder moved in brings no per-file events
                     return
-                hints.add(rel, closed=event.event_type == "closed")
+                hints.add(rel, closed=event.event_type in DONE_EVENTS)
 
         import watchdog.events
 
         _shorten_move_pairing()
         kinds = [getattr(watchdog.events, name) for name in HINT_EVENTS if hasattr(watchdog.events, name)]
-        self._observer = Observer()
+        # Full events: an unpaired IN_MOVED_TO comes as a move with no source instead of as a
+        # creation, and an unpaired IN_MOVED_FROM as a move with no destination.
+        self._observer = InotifyObserver(generate_full_events=True)
         self._observer.daemon = True
         self._observer.schedule(Handler(), str(inbox), recursive=True, event_filter=kinds)
         self._overflow = _OverflowWatcher(hints)

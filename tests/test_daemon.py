@@ -724,3 +724,33 @@ def test_bad_settings_exit_before_importing_tensorflow(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "nope"), str(tmp_path / "out")], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert res.stdout.split() == ["2", "False", "False"], res.stderr
+
+
+# =========================================================================== the writer's "done" signals
+
+
+def test_a_rename_or_a_close_after_writing_ends_the_wait_but_an_open_file_waits(tmp_path: Path) -> None:
+    """The upload contract's rename, and a close after writing, each say "complete": the short
+    settle applies. A file that is written but still open says nothing and waits the full time.
+
+    The full settle time here (120 s) is far beyond the test's deadlines, so a file sorted
+    within them can only have been taken on one of those signals.
+    """
+    inbox, staging = tmp_path / "inbox", tmp_path / "staging"
+    d = Daemon(tmp_path, name="done", inbox=inbox,
+               settings={"settle_seconds": 120.0, "closed_settle_seconds": 0.05})
+    try:
+        d.start()
+        put(staging / "renamed", photo(40), OLD)
+        writer = open(inbox / "open.jpg", "wb")
+        writer.write(photo(41))
+        writer.flush()
+        move_in(staging / "renamed", inbox / "renamed.jpg")  # after open.jpg's write: its events come first
+        wait(d, lambda: rows_for(d.rows(), inbox, ["renamed.jpg"]), 30, what="the renamed photo")
+        assert (inbox / "open.jpg").exists()  # seen (its events came first), written, not closed: waits
+        assert not rows_for(d.rows(), inbox, ["open.jpg"])
+        writer.close()
+        wait(d, lambda: rows_for(d.rows(), inbox, ["open.jpg"]), 30, what="the photo closed after writing")
+        assert sorted(p.name for p in files_under(d.output) if p.suffix == ".jpg") == ["open.jpg", "renamed.jpg"]
+    finally:
+        d.stop_quietly()

@@ -230,14 +230,15 @@ def _expected_probs(classifier, data: bytes) -> np.ndarray:
 
 def test_daemon_sorts_from_the_read_ahead_with_each_file_its_own_answer(tmp_path: Path, default_classifier) -> None:
     stage = tmp_path / "stage"
-    stage.mkdir()
+    (stage / "dump").mkdir(parents=True)
     photos = {f"IMG_{i:02d}.jpg": _jpeg(100 + i, (160 + 8 * i, 100)) for i in range(12)}
     for name, data in photos.items():
-        (stage / name).write_bytes(data)
+        (stage / "dump" / name).write_bytes(data)
     d = Daemon(tmp_path, settings={"settle_seconds": 2.0, "log_level": "debug"}).start()
     try:
-        for name in photos:
-            os.rename(stage / name, d.inbox / name)  # a rename: no close-write, the full settle applies
+        # A folder moved in: its files are found by a scan, with no "done" signal of their own,
+        # so the full settle applies to each (a photo renamed in by itself would need 0.1 s).
+        os.rename(stage / "dump", d.inbox / "dump")
         rows = wait_until(lambda: len(d.rows()) == len(photos) and d.rows(), 60, what="12 rows")
     finally:
         assert d.terminate() == 0
@@ -257,13 +258,13 @@ def test_daemon_reads_again_a_file_rewritten_in_place_after_its_read_ahead(tmp_p
     first, second = _same_size_pair()
     assert not np.allclose(_expected_probs(default_classifier, first), _expected_probs(default_classifier, second))
     stage = tmp_path / "stage"
-    stage.mkdir()
-    (stage / "a.jpg").write_bytes(first)
+    (stage / "dump").mkdir(parents=True)
+    (stage / "dump" / "a.jpg").write_bytes(first)
     d = Daemon(tmp_path, settings={"settle_seconds": 3.0, "log_level": "debug"}).start()
     try:
-        os.rename(stage / "a.jpg", d.inbox / "a.jpg")
+        os.rename(stage / "dump", d.inbox / "dump")  # found by a scan: the full settle, read ahead meanwhile
         wait_until(lambda: d.events("read ahead"), 20, what="the photo classified ahead")
-        target = d.inbox / "a.jpg"
+        target = d.inbox / "dump" / "a.jpg"
         st = os.stat(target)
         with open(target, "r+b") as fh:
             fh.write(second)

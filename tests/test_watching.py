@@ -308,12 +308,42 @@ def test_watcher_hints_a_created_file_and_its_close(watched: tuple[Path, Hints])
     assert "DCIM/IMG_0001.jpg" in paths
 
 
-def test_watcher_hints_a_rename_by_its_new_name(watched: tuple[Path, Hints], tmp_path: Path) -> None:
+def test_watcher_hints_a_rename_by_its_new_name_as_done(watched: tuple[Path, Hints], tmp_path: Path) -> None:
     inbox, hints = watched
     touch(inbox / "upload.jpg.part")
     collect(hints, lambda p, c, r: "upload.jpg.part" in c)
     os.rename(inbox / "upload.jpg.part", inbox / "upload.jpg")
-    collect(hints, lambda p, c, r: "upload.jpg" in p)
+    collect(hints, lambda p, c, r: "upload.jpg" in c)  # the upload contract: the rename says "complete"
+
+
+def test_watcher_hints_a_rename_from_outside_the_inbox_as_done(watched: tuple[Path, Hints], tmp_path: Path) -> None:
+    inbox, hints = watched
+    staged = touch(tmp_path / "staging" / "IMG_0002.jpg", b"photo")
+    os.rename(staged, inbox / "DCIM" / "IMG_0002.jpg")  # an IN_MOVED_TO with no IN_MOVED_FROM in the inbox
+    paths, closed, _ = collect(hints, lambda p, c, r: "DCIM/IMG_0002.jpg" in c)
+    assert "DCIM/IMG_0002.jpg" in paths
+
+
+def test_watcher_does_not_call_a_file_done_while_its_writer_has_it_open(watched: tuple[Path, Hints]) -> None:
+    inbox, hints = watched
+    with open(inbox / "slow.jpg", "wb") as writer:
+        writer.write(b"first half")
+        writer.flush()
+        touch(inbox / "marker.jpg")  # events arrive in order: once this is seen, slow.jpg's were too
+        paths, closed, _ = collect(hints, lambda p, c, r: "marker.jpg" in c)
+        assert "slow.jpg" in paths and "slow.jpg" not in closed  # created and written: not done
+        writer.write(b"second half")
+    collect(hints, lambda p, c, r: "slow.jpg" in c)  # closed after writing: done
+
+
+def test_watcher_is_silent_about_files_moved_out(watched: tuple[Path, Hints], tmp_path: Path) -> None:
+    inbox, hints = watched
+    f = touch(inbox / "leaving.jpg")
+    collect(hints, lambda p, c, r: "leaving.jpg" in c)
+    os.rename(f, tmp_path / "elsewhere.jpg")
+    touch(inbox / "marker.jpg")
+    paths, _, _ = collect(hints, lambda p, c, r: "marker.jpg" in c)
+    assert "leaving.jpg" not in paths
 
 
 def test_watcher_asks_for_a_rescan_when_a_folder_moves_in(watched: tuple[Path, Hints], tmp_path: Path) -> None:
