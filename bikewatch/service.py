@@ -36,6 +36,7 @@ from bikewatch.metrics import Metrics
 from bikewatch.logs import configure, get_logger
 from bikewatch.model import CLASSES, Classifier, ModelError, load_classifier
 from bikewatch.readahead import QUIET_SECONDS, ReadAhead, Usable
+from bikewatch.signals import SignalRelay
 from bikewatch.systemd import Notifier, adapt_tensorflow_to_wx, format_status
 from bikewatch.watching import (
     Hints, InboxWatcher, Readiness, Seen, is_ignored, mount_fstype, needs_polling, observe, scan,
@@ -145,20 +146,20 @@ class Service:
 
     # ----- start-up -------------------------------------------------------------------------
 
-    def _signals(self) -> None:
-        def on_stop(signum: int, _frame: Any) -> None:
+    def _signals(self) -> SignalRelay:
+        """SIGTERM and SIGINT stop, SIGHUP reloads; handled on a relay thread (see bikewatch.signals)."""
+
+        def on_stop(signum: int) -> None:
             if not self.stop.is_set():
                 self.log.info("stopping", signal=signal.Signals(signum).name)
             self.stop.set()
             self.hints.wake.set()
 
-        def on_hup(_signum: int, _frame: Any) -> None:
+        def on_hup(_signum: int) -> None:
             self.reload.set()
             self.hints.wake.set()
 
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGHUP, on_hup)
+        return SignalRelay({signal.SIGTERM: on_stop, signal.SIGINT: on_stop, signal.SIGHUP: on_hup}).install()
 
     def _load_model(self) -> Classifier:
         path = self.s.model
@@ -248,7 +249,13 @@ class Service:
             self.watcher.start()
 
     def run(self) -> int:
-        self._signals()
+        relay = self._signals()
+        try:
+            return self._run()
+        finally:
+            relay.close()
+
+    def _run(self) -> int:
         self.log.info("starting", settings=describe(self.s), pid=os.getpid())
         self.notifier.extend_timeout(120)
         device = configure_device(self.s.device)
