@@ -1,7 +1,10 @@
 """Reading ahead: read and classify files while they settle, so the settle time is not idle time.
 
-A photo moved into the inbox must sit still for ``settle_seconds`` before bikewatch
-takes it, and in a big dump the cores would idle all that while. Reading a file
+A file with no "done" signal from its writer (found by a scan: at start-up, in a folder
+moved in, or on a polled network share) must sit still for ``settle_seconds`` before
+bikewatch takes it, and in a big dump the cores would idle all that while. (A file
+closed after writing or renamed into the inbox needs only ``closed_settle_seconds``,
+too short to read ahead.) Reading a file
 changes nothing, so the service reads, decodes and classifies files that are still
 settling, and keeps each result with the signature the read vouched for (size,
 mtime, ctime, inode: :data:`bikewatch.watching.Signature`; see
