@@ -407,6 +407,8 @@ class Service:
                 self.watcher.start()
         if not self.work.dir.is_dir():
             self._renew_work_area()
+        if self.watcher is not None:
+            self.watcher.unwatch_state_dir()  # watchdog rebuilds every watch after a queue overflow
         present = set()
         for seen in found:
             if seen.rel in self.taken:

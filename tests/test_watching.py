@@ -363,6 +363,37 @@ def test_watcher_is_silent_about_the_state_dir(watched: tuple[Path, Hints]) -> N
     assert not any(p.startswith(".bikewatch") for p in paths), paths
 
 
+def _inotify_watches() -> int:
+    """inotify watches held by this process, from /proc/self/fdinfo (one "inotify wd:" line each)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fdinfo"):
+        try:
+            count += Path(f"/proc/self/fdinfo/{fd}").read_text().count("inotify wd:")
+        except OSError:
+            pass  # an fd closed meanwhile
+    return count
+
+
+def test_watcher_does_not_watch_its_own_state_folder(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    for folder in (".bikewatch/work/w1", ".bikewatch/status", "DCIM/100CANON"):
+        (inbox / folder).mkdir(parents=True)
+    before = _inotify_watches()
+    hints = Hints()
+    watcher = InboxWatcher(inbox, hints, inbox / ".bikewatch")
+    watcher.start()
+    try:
+        assert _inotify_watches() - before == 3  # inbox, DCIM, DCIM/100CANON: none below .bikewatch
+        assert watcher.unwatch_state_dir() == 0  # nothing left to remove
+        (inbox / "DCIM" / "101CANON").mkdir()  # a new folder elsewhere is still watched, with its files
+        touch(inbox / "DCIM" / "101CANON" / "IMG_0001.jpg")
+        # "in p", not "in c": the file may be written before the new folder's watch is added
+        # (watchdog then reports what it finds there as created, with no close).
+        collect(hints, lambda p, c, r: "DCIM/101CANON/IMG_0001.jpg" in p)
+    finally:
+        watcher.stop()
+
+
 def test_watcher_ignores_deletions(watched: tuple[Path, Hints]) -> None:
     inbox, hints = watched
     f = touch(inbox / "gone.jpg")
