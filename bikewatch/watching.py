@@ -105,7 +105,11 @@ def scan(inbox: Path, ignore: tuple[str, ...], skip: Iterable[Path] = ()) -> Ite
                 if os.path.normpath(entry.path) not in skip_set:
                     stack.append(rel)
                 continue
-            yield Seen(rel, st.st_size, st.st_mtime_ns, st.st_ino, stat.S_ISREG(st.st_mode), st.st_ctime_ns)
+            yield _seen(rel, st)
+
+
+def _seen(rel: str, st: os.stat_result) -> Seen:
+    return Seen(rel, st.st_size, st.st_mtime_ns, st.st_ino, stat.S_ISREG(st.st_mode), st.st_ctime_ns)
 
 
 def observe(inbox: Path, rel: str) -> Seen | None:
@@ -116,7 +120,7 @@ def observe(inbox: Path, rel: str) -> Seen | None:
         return None
     if stat.S_ISDIR(st.st_mode):
         return None
-    return Seen(rel, st.st_size, st.st_mtime_ns, st.st_ino, stat.S_ISREG(st.st_mode), st.st_ctime_ns)
+    return _seen(rel, st)
 
 
 @dataclass
@@ -157,15 +161,19 @@ class Readiness:
             if self._sorted and self._order and _order_key(new) < _order_key(self._order[-1]):
                 self._sorted = False  # out of order: sorted once, by the next ready(), not here
             self._order.append(new)
-            if len(self._order) > 2 * len(self._tracks) + 64:
+            if self._bloated():
                 self._compact()  # a busy writer's superseded tracks pile up between ready() calls
             self._due_at = min(self._due_at, now + self._needed(new))
             return True
         return False
 
+    def _bloated(self) -> bool:
+        """Mostly entries that were superseded or forgotten."""
+        return len(self._order) > 2 * len(self._tracks) + 64
+
     def _compact(self) -> None:
         """Sort the order list when it is out of order or mostly entries that were superseded."""
-        if not self._sorted or len(self._order) > 2 * len(self._tracks) + 64:
+        if not self._sorted or self._bloated():
             self._order = sorted(self._tracks.values(), key=_order_key)
             self._sorted = True
 
