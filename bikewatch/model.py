@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
@@ -153,9 +153,6 @@ class Classifier:
         self.identity = identity
         self._order = [contract.classes.index(name) for name in CLASSES]
         self._call = _compiled_call(keras_model)
-        import tensorflow as tf
-
-        self._to_tensor = tf.convert_to_tensor
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities, shape (N, 2), columns in :data:`CLASSES` order (mountain, road)."""
@@ -163,14 +160,14 @@ class Classifier:
             raise ValueError(f"expected a (N, {SIZE}, {SIZE}, 3) batch, got {batch.shape}")
         if len(batch) == 0:
             return np.zeros((0, 2), dtype=np.float32)
-        probs = np.asarray(self._call(self._to_tensor(self.contract.adapt(batch))))  # adapt: float32, as traced
+        probs = np.asarray(self._call(self.contract.adapt(batch)))
         return probs[:, self._order]
 
     def labels(self, probs: np.ndarray) -> list[str]:
         return [CLASSES[i] for i in np.argmax(probs, axis=1)]
 
 
-def _compiled_call(keras_model: Any) -> Any:
+def _compiled_call(keras_model: Any) -> Callable[[np.ndarray], Any]:
     """One traced graph for any batch size: no per-call overhead of ``model.predict``.
 
     The concrete function, called with a tensor, also skips tf.function's argument binding
@@ -186,7 +183,8 @@ def _compiled_call(keras_model: Any) -> Any:
     def call(x: Any) -> Any:
         return keras_model(x, training=False)
 
-    return call.get_concrete_function()
+    concrete = call.get_concrete_function()
+    return lambda batch: concrete(tf.convert_to_tensor(batch))  # adapt() gives float32, as traced
 
 
 def model_identity(path: Path, digest: str) -> str:

@@ -293,7 +293,7 @@ class Service:
             self._deliverer.shutdown(wait=True)
             self.notifier.stopping()
             self._remove_status_file()
-            self._write_metrics(time.monotonic())
+            self._write_metrics()
             self.metrics.close()
             if self.watcher:
                 self.watcher.stop()
@@ -705,8 +705,8 @@ class Service:
     def _publish_status(self, now: float, force: bool = False) -> None:
         """STATUS, the status file and the metrics: every 5 s, and within 1 s of a finished batch.
 
-        Not after every batch: each publication is a file write and a rename inside the watched
-        inbox, whose events cost the observer threads CPU that sorting needs during a burst.
+        Not after every batch: each publication is a JSON status file written and renamed by
+        the main loop, which during a burst is better spent dispatching and predicting.
         """
         if force:
             self._status_owed = True
@@ -725,9 +725,9 @@ class Service:
         self.metrics.set_backlog(len(self.readiness))
         self.metrics.read_ahead_totals(self.read_ahead.used, self.read_ahead.wasted)
         self.metrics.set_blocked(self.blocked_until > time.monotonic())
-        self._write_metrics(now)
+        self._write_metrics()
 
-    def _write_metrics(self, now: float) -> None:
+    def _write_metrics(self) -> None:
         if self.s.metrics_textfile is None:
             return
         try:
