@@ -3,7 +3,8 @@
 The dispatch rule is TensorFlow Serving's: send when ``max_batch`` files are
 ready or when the oldest ready file has waited ``max_wait`` (so one photo in
 a quiet inbox is not held back). Preparation (read, hash, preprocess) runs in
-worker threads while the model works on the previous batch.
+decode worker processes (:mod:`bikewatch.decoders`) while the model works on the
+previous batch.
 """
 
 from __future__ import annotations

@@ -172,7 +172,7 @@ def _compiled_call(keras_model: Any) -> Callable[[np.ndarray], Any]:
 
     The concrete function, called with a tensor, also skips tf.function's argument binding
     and conversion on every call: 1.2 ms instead of 1.9 ms for a batch of one, most of it
-    Python that holds the GIL the decoding threads need.
+    Python that holds the GIL the service's other threads need.
     """
     import tensorflow as tf
 

@@ -60,7 +60,7 @@ class Usable:
 class ReadAhead:
     """Files read ahead, by path relative to the inbox.
 
-    Used from the service's main thread, except :meth:`_finished`, which a decode thread
+    Used from the service's main thread, except :meth:`_finished`, which a decode proxy thread
     calls; every step costs the same however many files wait (no scans of them all).
     """
 
@@ -127,7 +127,7 @@ class ReadAhead:
         future.add_done_callback(lambda f, rel=seen.rel: self._finished(rel, f))
 
     def _finished(self, rel: str, future: Future[Prepared]) -> None:
-        self._done.append((rel, future))  # deque.append is atomic: safe from a decode thread
+        self._done.append((rel, future))  # deque.append is atomic: safe from a decode proxy thread
         self._wake()
 
     def harvest(self) -> None:

@@ -1,8 +1,9 @@
 """``bikewatch run``: the long-running service that ties the pieces together.
 
 One processing loop on the main thread owns every decision (which files to
-claim, when to send a batch, where each file goes); worker threads only read
-and preprocess files, and the watchdog observer only drops hints. Side
+claim, when to send a batch, where each file goes); decode worker processes
+(:mod:`bikewatch.decoders`) only read and preprocess files, and the watchdog
+observer only drops hints. Side
 effects live here and in :mod:`bikewatch.journal`; the rules they follow are
 pure functions in the other modules.
 """
@@ -27,6 +28,7 @@ import numpy as np
 
 from bikewatch.batching import LABEL_REJECTED, LABEL_UNSURE, Prepared, decide, digest_file, prepare, should_dispatch
 from bikewatch.config import ConfigError, Settings, describe, load_settings, validate
+from bikewatch.decoders import DecodePool, Task
 from bikewatch.journal import (
     PHASE_CLAIMED, PHASE_DECIDED, DeliveryError, Item, Journal, SettleResult, WorkArea, claim, free_name,
     recover_dir, journals, return_to_inbox, settle, write_journal,
@@ -132,7 +134,7 @@ class Service:
         self._ready_since: dict[str, float] = {}
         self._started_at = utc_now()
         self.workers = settings.decode_workers or max(1, os.cpu_count() or 1)
-        # Reads of files still settling: never more than two per decode thread queued ahead of a
+        # Reads of files still settling: never more than two per decode worker queued ahead of a
         # claimed batch's reads, and a few batches' worth of arrays waiting for the model.
         self.read_ahead = ReadAhead(0 if oneshot else settings.read_ahead,
                                     reading_max=max(2 * self.workers, settings.max_batch),
@@ -251,11 +253,21 @@ class Service:
     def run(self) -> int:
         relay = self._signals()
         try:
-            return self._run()
+            # Started first: the workers import Pillow and numpy while the model loads.
+            with DecodePool(self.workers, on_crash=self._decoder_crashed, on_restart=self._decoder_restarted) as pool:
+                return self._run(pool)
         finally:
             relay.close()
 
-    def _run(self) -> int:
+    def _decoder_crashed(self, task: Task, reason: str) -> None:
+        """On a decode proxy thread: a file killed or stalled its decoder on its own; it will be rejected."""
+        self.log.error("decoder crashed", file=task.key, reason=reason)
+
+    def _decoder_restarted(self, reason: str) -> None:
+        """On a decode proxy thread: a worker died (its files are tried again, one at a time)."""
+        self.log.warning("decode worker replaced", reason=reason.replace(" on this file", ""))
+
+    def _run(self, pool: DecodePool) -> int:
         self.log.info("starting", settings=describe(self.s), pid=os.getpid())
         self.notifier.extend_timeout(120)
         device = configure_device(self.s.device)
@@ -286,8 +298,7 @@ class Service:
             self.notifier.ready(status="watching " + str(self.s.inbox))
             self.log.info("ready", inbox=str(self.s.inbox), output=str(self.s.output), log=str(self.s.log_path),
                           waiting=len(self.readiness))
-            with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="decode") as pool:
-                self._loop(pool)
+            self._loop(pool)
         finally:
             self._claimer.shutdown(wait=True)
             self._deliverer.shutdown(wait=True)
@@ -308,7 +319,7 @@ class Service:
                 "waiting": len(self.readiness), "read_ahead_used": self.read_ahead.used,
                 "read_ahead_wasted": self.read_ahead.wasted}
 
-    def _loop(self, pool: ThreadPoolExecutor) -> None:
+    def _loop(self, pool: DecodePool) -> None:
         next_scan = time.monotonic() + (self.s.poll_interval_seconds if self.polling else self.s.rescan_seconds)
         while True:
             now = time.monotonic()
@@ -445,7 +456,7 @@ class Service:
         self._recover(self.work)
         return True
 
-    def _maybe_dispatch(self, pool: ThreadPoolExecutor, now: float) -> bool:
+    def _maybe_dispatch(self, pool: DecodePool, now: float) -> bool:
         # Only the oldest max_batch matter: more waiting than that means "send now" anyway.
         limit = self.s.max_batch + len(self.taken)
         ready = [s for s in self.readiness.ready(now, limit) if s.rel not in self.taken]
@@ -486,13 +497,13 @@ class Service:
             if usable is not None:
                 early[s.rel] = usable
         # The claim (journal, renames, fsyncs) runs on the claimer thread, which then hands the
-        # files to the decode threads: the main loop goes on predicting meanwhile.
+        # files to the decode workers: the main loop goes on predicting meanwhile.
         claimed = self._claimer.submit(self._claim, pool, journal, path, self.work.dir, early)
         self.taken.update(it.source for it in journal.items)
         self.inflight.append(InFlight(journal, path, [], now, claimed, early))
         return True
 
-    def _claim(self, pool: ThreadPoolExecutor, journal: Journal, path: Path, work_dir: Path,
+    def _claim(self, pool: DecodePool, journal: Journal, path: Path, work_dir: Path,
                early: dict[str, Usable]) -> tuple[Journal, list[Future[Prepared]]]:
         """On the claimer thread: claim the batch's files, then queue the ones not read ahead for decoding."""
         journal = claim(self.s.inbox, work_dir, journal, path)
@@ -500,7 +511,7 @@ class Service:
         for it in journal.items:
             usable = early.get(it.source)
             if usable is None:
-                futures.append(pool.submit(prepare, work_dir / it.key, it.key, max_pixels=self.s.max_pixels))
+                futures.append(pool.submit(work_dir / it.key, it.key, max_pixels=self.s.max_pixels))
             else:
                 done: Future[Prepared] = Future()
                 done.set_result(replace(usable.prepared, key=it.key))
@@ -519,7 +530,7 @@ class Service:
             self.readiness.update(seen, time.monotonic())
         return None
 
-    def _read_ahead(self, pool: ThreadPoolExecutor, now: float) -> bool:
+    def _read_ahead(self, pool: DecodePool, now: float) -> bool:
         """Read files that are still settling, and classify what was read while the model is idle.
 
         True when the model classified a batch (time passed; there may be more to do at once).
@@ -532,7 +543,7 @@ class Service:
             seen = self.readiness.settling(rel, now, QUIET_SECONDS)
             if seen is None or rel in self.taken or not ra.wanted(seen):
                 continue  # gone, changed again (a later entry is queued), ready already, or read already
-            ra.start(seen, pool.submit(prepare, self.s.inbox / rel, rel, max_pixels=self.s.max_pixels, vouch=True))
+            ra.start(seen, pool.submit(self.s.inbox / rel, rel, max_pixels=self.s.max_pixels, vouch=True))
         if self.inflight or self.classifier is None:
             return False  # the model is busy with claimed batches, which come first
         entries = ra.unclassified(self.s.max_batch)

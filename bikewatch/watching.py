@@ -409,7 +409,7 @@ class InboxWatcher:
         Every claim and delivery renames photos into and out of the work folder, and every
         batch writes journals there: about two inotify events per photo that the observer's
         threads would parse, pair and dispatch only for the handler to drop them, while
-        the decoding threads wait for the GIL. Not watching the folder made 2000-photo
+        the service's other threads wait for the GIL. Not watching the folder made 2000-photo
         dumps 5-7 points of the roofline faster (benchmarks/README.md, change 15).
 
         watchdog has no public way to leave a folder out of a recursive watch (its issue

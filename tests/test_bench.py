@@ -23,5 +23,12 @@ def test_bench_prints_every_measurement(tmp_path: Path) -> None:
                 "end to end, steady state", "6 latency p50 / p99", "7 idle CPU", "memory idle / under load", "start-up to READY=1",
                 "end-to-end / naive", "end-to-end / roofline"):
         assert row in res.stdout, f"missing row {row!r} in:\n{res.stdout}"
+    assert "decode only (" in res.stdout and "processes)" in res.stdout, res.stdout
     figures = json.loads(out.read_text())
     assert figures, "the JSON output is empty"
+    # The roofline is built on the faster way to decode (threads, or the daemon's worker processes).
+    decode = max(figures["decode"]["rate"], figures["decode_processes"]["rate"])
+    expected = 1 / (1 / decode + 1 / figures["inference"]["rate"])
+    assert abs(figures["roofline"]["rate"] - expected) < 1e-6 * expected
+    # The daemon's CPU includes its decode workers': it did all the decoding of the end-to-end run.
+    assert figures["end_to_end"]["cpu"]["daemon_cpu_s"] > 0
