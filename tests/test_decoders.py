@@ -19,7 +19,7 @@ import pytest
 
 import imagefactory as img
 from bikewatch.batching import VOUCH_AGE_NS, prepare
-from bikewatch.decoders import DecodePool, Packed, Task, pack, prepare_task, unpack
+from bikewatch.decoders import NICENESS, DecodePool, Packed, Task, pack, prepare_task, unpack
 from harness import Daemon, wait_until
 
 MAX_PIXELS = 100_000_000
@@ -81,6 +81,15 @@ def test_workers_give_what_preparing_in_process_gives(tmp_path: Path) -> None:
             assert g.array is not None and np.array_equal(g.array, want.array), path.name
     assert got[0].signature is not None and not got[0].error
     assert "symbolic link" in got[5].error and got[6].error
+
+
+def test_workers_run_nicer_than_the_service() -> None:
+    with DecodePool(2) as pool:
+        assert pool.wait_ready(60)
+        for pid in pool.pids():
+            with open(f"/proc/{pid}/stat") as fh:
+                nice = int(fh.read().rpartition(")")[2].split()[16])
+            assert nice == min(19, os.nice(0) + NICENESS)
 
 
 def test_a_file_that_kills_its_decoder_is_rejected_alone_and_the_pool_goes_on(tmp_path: Path) -> None:

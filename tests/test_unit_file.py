@@ -122,3 +122,4 @@ def test_unit_keeps_tensorflow_compatible_settings() -> None:
     }
     assert "Environment=TF_ENABLE_ONEDNN_OPTS=0" in text
     assert re.search(r"^SystemCallFilter=mbind$", text, re.MULTILINE), "numpy's OpenBLAS needs mbind"
+    assert re.search(r"^SystemCallFilter=setpriority$", text, re.MULTILINE), "decode workers lower their priority"
