@@ -14,6 +14,7 @@ then rename). Any write after that signal restarts the full settle time.
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import functools
 import logging
@@ -24,7 +25,7 @@ import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 NETWORK_FS = frozenset(
     {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "9p", "afs", "ceph", "glusterfs", "lustre",
@@ -351,6 +352,78 @@ def _shorten_move_pairing() -> None:
     grouper.delay = min(grouper.delay, MOVE_PAIRING_SECONDS)
 
 
+def _index_move_sources() -> None:
+    """Let watchdog skip its queue scans for a rename whose source it has not queued.
+
+    For every IN_MOVED_TO, watchdog 7 looks for the matching IN_MOVED_FROM twice, each
+    time walking its whole queue of events with a Python predicate. A dump renamed into
+    the inbox makes that queue thousands long while the observer's threads catch up, so
+    the walks grow quadratic and hold the GIL when the service most needs it. These
+    wrappers count the IN_MOVED_FROM cookies queued and skip a walk that cannot find
+    anything; when a cookie is queued, watchdog's own code runs as before. Where
+    watchdog's internals differ, nothing is patched.
+    """
+    try:
+        from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper as grouper
+        from watchdog.observers.inotify_move_event_grouper import PathedInotifyEvent as single
+    except ImportError:  # pragma: no cover - watchdog 6
+        return
+    names = ("put_event", "read_event", "_group_moved_to_event", "get_queued_moved_from_event",
+             "discard_pending_events")
+    if getattr(grouper, "_bikewatch_indexed", False) or not all(hasattr(grouper, n) for n in names):
+        return
+    put, read, group, find, discard = (getattr(grouper, n) for n in names)
+    lock = threading.Lock()  # put_event and read_event run on different threads
+
+    def queued(self: Any) -> collections.Counter[int]:
+        counts = self.__dict__.get("_bikewatch_from_cookies")
+        if counts is None:  # setdefault: two threads arriving first still share one Counter
+            counts = self.__dict__.setdefault("_bikewatch_from_cookies", collections.Counter())
+        return counts
+
+    def left(self: Any, cookie: int) -> None:
+        with lock:
+            counts = queued(self)
+            counts[cookie] -= 1
+            if counts[cookie] <= 0:
+                del counts[cookie]
+
+    def put_event(self: Any, event: Any) -> None:
+        if event.ev.is_moved_from:
+            with lock:
+                queued(self)[event.ev.cookie] += 1
+        put(self, event)
+
+    def read_event(self: Any) -> Any:
+        item = read(self)
+        if isinstance(item, single) and item.ev.is_moved_from:  # (a pair is a plain tuple of two)
+            left(self, item.ev.cookie)  # unpaired: it leaves the queue alone
+        return item
+
+    def group_moved_to_event(self: Any, to_event: Any) -> Any:
+        if to_event.ev.cookie not in queued(self):
+            return to_event  # moved in from outside the watched tree
+        grouped = group(self, to_event)
+        if not isinstance(grouped, single):  # paired: the IN_MOVED_FROM left the queue
+            left(self, to_event.ev.cookie)
+        return grouped
+
+    def get_queued_moved_from_event(self: Any, cookie: int) -> Any:
+        return find(self, cookie) if cookie in queued(self) else None
+
+    def discard_pending_events(self: Any) -> None:
+        with lock:
+            queued(self).clear()
+        discard(self)
+
+    grouper.put_event = put_event
+    grouper.read_event = read_event
+    grouper._group_moved_to_event = group_moved_to_event
+    grouper.get_queued_moved_from_event = get_queued_moved_from_event
+    grouper.discard_pending_events = discard_pending_events
+    grouper._bikewatch_indexed = True
+
+
 class InboxWatcher:
     """A watchdog observer that turns events into :class:`Hints`."""
 
@@ -389,6 +462,7 @@ class InboxWatcher:
         import watchdog.events
 
         _shorten_move_pairing()
+        _index_move_sources()
         kinds = [getattr(watchdog.events, name) for name in HINT_EVENTS if hasattr(watchdog.events, name)]
         # Full events: an unpaired IN_MOVED_TO comes as a move with no source instead of as a
         # creation, and an unpaired IN_MOVED_FROM as a move with no destination.
