@@ -125,6 +125,8 @@ def _serve(conn: multiprocessing.connection.Connection, job: Job) -> None:
             conn.send(out)
         except OSError:
             return
+        except Exception:  # noqa: BLE001 - an exception that cannot be pickled: send its text
+            conn.send([(ok, value if ok else RuntimeError(repr(value))) for ok, value in out])
 
 
 class WorkerDied(Exception):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -137,6 +138,7 @@ def test_a_worker_killed_while_idle_is_replaced_and_no_file_is_blamed(tmp_path: 
 SERVICE = """
 import sys
 from pathlib import Path
+from typing import Any
 from bikewatch.decoders import DecodePool
 pool = DecodePool(2)
 assert pool.wait_ready(60)
@@ -227,3 +229,22 @@ def test_the_daemon_replaces_a_killed_worker_and_stops_with_its_control_group(tm
         wait_until(lambda: all(_gone(pid) for pid in everyone[1:]), 20, what="the workers to exit")
     finally:
         d.stop_quietly()
+
+
+class _Unpicklable(Exception):
+    def __reduce__(self) -> Any:
+        raise TypeError("not picklable")
+
+
+def fail_unpicklably(task: Task) -> Packed:
+    """A job for the tests: an unexpected error that pickle cannot carry back."""
+    raise _Unpicklable(f"odd failure on {task.key}")
+
+
+def test_an_unexpected_error_in_a_worker_reaches_the_caller_without_killing_the_worker(tmp_path: Path) -> None:
+    photo = img.jpeg(tmp_path / "a.jpg")
+    with DecodePool(1, job=fail_unpicklably) as pool:
+        future = pool.submit(photo, "a.jpg", max_pixels=MAX_PIXELS)
+        with pytest.raises(RuntimeError, match="odd failure on a.jpg"):
+            future.result(timeout=60)
+        assert pool.restarts == 0
