@@ -549,8 +549,8 @@ class Service:
         entries = ra.unclassified(self.s.max_batch)
         if not entries or (len(entries) < self.s.max_batch and ra.reading()):
             return False
-        ra.classified(entries, self.classifier.predict(np.stack([e.array for e in entries])),
-                      self.classifier.identity)
+        ra.classified(entries, self.classifier.predict(np.stack([e.array for e in entries])),  # type: ignore[misc]
+                      self.classifier.identity)  # every entry still holds its array (see ReadAhead.unclassified)
         self.log.debug("read ahead", classified=len(entries), held=len(ra))
         return True
 

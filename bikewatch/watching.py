@@ -416,12 +416,10 @@ def _index_move_sources() -> None:
             queued(self).clear()
         discard(self)
 
-    grouper.put_event = put_event
-    grouper.read_event = read_event
-    grouper._group_moved_to_event = group_moved_to_event
-    grouper.get_queued_moved_from_event = get_queued_moved_from_event
-    grouper.discard_pending_events = discard_pending_events
-    grouper._bikewatch_indexed = True
+    for name, wrapper in zip(names, (put_event, read_event, group_moved_to_event, get_queued_moved_from_event,
+                                     discard_pending_events)):
+        setattr(grouper, name, wrapper)
+    setattr(grouper, "_bikewatch_indexed", True)
 
 
 class InboxWatcher:
