@@ -24,8 +24,8 @@ is killed.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import multiprocessing.connection
+import os
 import queue
 import signal
 import threading
@@ -130,7 +130,31 @@ def _serve(conn: multiprocessing.connection.Connection, job: Job) -> None:
 
 
 class WorkerDied(Exception):
-    """The worker process ended while it held files."""
+    """The worker process ended (or was ended) while it held files.
+
+    ``what`` happened and its ``detail``, kept apart so that the reason can name the file
+    when one is blamed, and leave it out when the worker is only replaced.
+    """
+
+    def __init__(self, what: str, detail: str = "") -> None:
+        super().__init__(what, detail)
+        self.what = what
+        self.detail = detail
+
+    def reason(self, *, on_file: bool) -> str:
+        """E.g. "the decoder crashed on this file (SIGSEGV)", or "the decoder crashed (SIGSEGV)"."""
+        return " ".join(filter(None, ("the decoder", self.what, "on this file" if on_file else "", self.detail)))
+
+    @classmethod
+    def of_exit(cls, code: int | None) -> WorkerDied:
+        if code is None:
+            return cls("stopped answering")
+        if code < 0:
+            try:
+                return cls("crashed", f"({signal.Signals(-code).name})")
+            except ValueError:
+                return cls("crashed", f"(signal {-code})")
+        return cls("exited", f"(exit code {code})")
 
 
 class _Worker:
@@ -149,8 +173,7 @@ class _Worker:
             try:
                 self.conn.recv()
             except (EOFError, OSError) as exc:
-                self.process.join(timeout=5)
-                raise WorkerDied(_describe_exit(self.process.exitcode)) from exc
+                raise self._died() from exc
             self.greeted = True
 
     def run(self, tasks: list[Task], timeout: float) -> list[tuple[bool, Any]]:
@@ -161,11 +184,15 @@ class _Worker:
             if not self.conn.poll(timeout * len(tasks)):
                 self.process.kill()
                 self.process.join()
-                raise WorkerDied(f"the decoder took longer than {timeout:g} s on this file and was stopped")
+                raise WorkerDied(f"took longer than {timeout:g} s", "and was stopped")
             return self.conn.recv()
         except (EOFError, OSError) as exc:
-            self.process.join(timeout=5)
-            raise WorkerDied(_describe_exit(self.process.exitcode)) from exc
+            raise self._died() from exc
+
+    def _died(self) -> WorkerDied:
+        """Why the pipe broke: the worker's exit, once it is reaped."""
+        self.process.join(timeout=5)
+        return WorkerDied.of_exit(self.process.exitcode)
 
     def close(self) -> None:
         self.conn.close()  # the worker sees EOF and exits
@@ -173,17 +200,6 @@ class _Worker:
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "the decoder stopped answering"
-    if code < 0:
-        try:
-            return f"the decoder crashed on this file ({signal.Signals(-code).name})"
-        except ValueError:
-            return f"the decoder crashed on this file (signal {-code})"
-    return f"the decoder exited on this file (exit code {code})"
 
 
 _STOP = object()
@@ -281,13 +297,13 @@ class DecodePool:
             self._workers[index].close()
             self._workers[index] = self._spawn(index)
             self.restarts += 1
-            self._on_restart(str(died))
+            self._on_restart(died.reason(on_file=False))
             if retry:  # which file did it? Each alone, in a fresh worker
                 for one in live:
                     self._run(index, [one], retry=False)
                 return
             future, task = live[0]
-            reason = str(died)
+            reason = died.reason(on_file=True)
             self._on_crash(task, reason)
             future.set_result(Prepared(task.key, None, "", 0, 0, reason))
             return

@@ -265,7 +265,7 @@ class Service:
 
     def _decoder_restarted(self, reason: str) -> None:
         """On a decode proxy thread: a worker died (its files are tried again, one at a time)."""
-        self.log.warning("decode worker replaced", reason=reason.replace(" on this file", ""))
+        self.log.warning("decode worker replaced", reason=reason)
 
     def _run(self, pool: DecodePool) -> int:
         self.log.info("starting", settings=describe(self.s), pid=os.getpid())
