@@ -50,7 +50,7 @@ class Prepared:
     signature: Signature | None = None
 
 
-def digest_file(path: Path) -> str:
+def digest_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -84,7 +84,7 @@ def signature_of(before: os.stat_result, after: os.stat_result, read_began_ns: i
     return sig
 
 
-def prepare(path: Path, key: str, *, max_pixels: int, vouch: bool = False) -> Prepared:
+def prepare(path: str | Path, key: str, *, max_pixels: int, vouch: bool = False) -> Prepared:
     """Read a claimed file once: hash and preprocess the same bytes. Never follows links.
 
     With ``vouch`` (a read ahead of the claim), the result carries the signature the read

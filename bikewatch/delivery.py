@@ -57,7 +57,7 @@ def safe_basename(name: str) -> str:
     return base
 
 
-def rename_noreplace(src: Path, dst: Path) -> None:
+def rename_noreplace(src: str | Path, dst: str | Path) -> None:
     """Atomic rename that fails with FileExistsError instead of replacing ``dst``."""
     if _renameat2 is not None:
         rc = _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
@@ -70,7 +70,7 @@ def rename_noreplace(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst, follow_symlinks=False)
     except OSError as exc:
-        if exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS) and not dst.exists():
+        if exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS) and not os.path.exists(dst):
             # No hard links here either (e.g. some SMB mounts): best remaining option.
             _rename_if_absent(src, dst)
             return
@@ -78,7 +78,7 @@ def rename_noreplace(src: Path, dst: Path) -> None:
     os.unlink(src)
 
 
-def _rename_if_absent(src: Path, dst: Path) -> None:
+def _rename_if_absent(src: str | Path, dst: str | Path) -> None:
     if os.path.lexists(dst):
         raise FileExistsError(errno.EEXIST, "destination exists", str(dst))
     os.rename(src, dst)

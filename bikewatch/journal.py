@@ -107,7 +107,7 @@ def _fmt(p: float | None) -> str:
 
 def row_for(item: Item, *, inbox: Path, output: Path, model: str, worker: str) -> Row:
     return Row(
-        timestamp=item.timestamp, source=str(inbox / item.source), destination=str(output / item.dest),
+        timestamp=item.timestamp, source=os.path.join(inbox, item.source), destination=os.path.join(output, item.dest),
         label=item.label, confidence=_fmt(item.confidence), p_mountain=_fmt(item.p_mountain),
         p_road=_fmt(item.p_road), sha256=item.sha256, model=model, error=item.error,
         size_bytes=str(item.size), id=item.key, worker=worker,
@@ -233,10 +233,11 @@ def claim(inbox: Path, work_dir: Path, journal: Journal, journal_path: Path) -> 
     """
     write_journal(journal_path, journal)
     won: list[Item] = []
+    inbox_s, work_s = os.fspath(inbox), os.fspath(work_dir)
     for item in journal.items:
-        target = work_dir / item.key
+        target = os.path.join(work_s, item.key)
         try:
-            os.rename(inbox / item.source, target)
+            os.rename(os.path.join(inbox_s, item.source), target)
         except FileNotFoundError:
             # NFS can report ENOENT for a retransmitted rename that did succeed.
             if not os.path.lexists(target):
@@ -246,7 +247,7 @@ def claim(inbox: Path, work_dir: Path, journal: Journal, journal_path: Path) -> 
     return replace(journal, items=tuple(won))
 
 
-def free_name(folder: Path, name: str, taken: set[str]) -> str:
+def free_name(folder: str | Path, name: str, taken: set[str]) -> str:
     """First of ``name``, ``name (1)``... that exists neither on disk nor in ``taken``.
 
     A choice, not a reservation: :func:`place` is no-clobber, so a race only costs a retry.
@@ -254,7 +255,7 @@ def free_name(folder: Path, name: str, taken: set[str]) -> str:
     n = 0
     while True:
         candidate = numbered_name(name, n)
-        if candidate not in taken and not os.path.lexists(folder / candidate):
+        if candidate not in taken and not os.path.lexists(os.path.join(folder, candidate)):
             return candidate
         n += 1
 
@@ -366,6 +367,54 @@ def settle(
     result.delivered = placed
     _remove_journal(journal_path)
     return result
+
+
+def deliver_decided(
+    journal_path: Path,
+    journal: Journal,
+    work_dir: Path,
+    *,
+    inbox: Path,
+    output: Path,
+    ledger: Ledger,
+    digest: Callable[[Path], str],
+) -> SettleResult:
+    """:func:`settle` for a batch this process has just decided and journalled: the normal path.
+
+    Nothing of the batch can have been placed yet, so the checks that make :func:`settle`
+    idempotent (a partial copy or a finished destination left by an earlier attempt, rows
+    already in the CSV) are skipped, each label folder is made once per batch rather than
+    once per file, and ``journal`` is not read back. They cost about as much CPU as the
+    renames themselves. Anything unexpected (a name taken since it was chosen, a work file
+    gone, an output error) hands the batch to :func:`settle`, which finishes it from the
+    journal on disk exactly as recovery would.
+    """
+    if journal.phase != PHASE_DECIDED or any(it.back for it in journal.items):
+        return settle(journal_path, work_dir, inbox=inbox, output=output, ledger=ledger, fresh=True, digest=digest)
+    work_s, output_s = os.fspath(work_dir), os.fspath(output)
+    folders = {os.path.join(output_s, os.path.dirname(it.dest)) for it in journal.items}
+    try:
+        for folder in folders:
+            os.makedirs(folder, exist_ok=True)
+        for item in journal.items:
+            src, dest = os.path.join(work_s, item.key), os.path.join(output_s, item.dest)
+            try:
+                rename_noreplace(src, dest)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                place(Path(src), Path(dest), tmp_name=_partial_name(item))  # across filesystems: a durable copy
+    except OSError:
+        return settle(journal_path, work_dir, inbox=inbox, output=output, ledger=ledger, fresh=True, digest=digest)
+    try:
+        for folder in folders:
+            fsync_dir(Path(folder))
+        ledger.append([row_for(it, inbox=inbox, output=output, model=journal.model, worker=journal.worker)
+                       for it in journal.items])
+    except OSError as exc:
+        raise DeliveryError(exc.errno, f"cannot write the CSV log {ledger.path}: {exc.strerror}") from exc
+    _remove_journal(journal_path)
+    return SettleResult(delivered=list(journal.items))
 
 
 def return_to_inbox(journal_path: Path, work_dir: Path, *, inbox: Path) -> list[Item]:

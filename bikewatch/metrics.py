@@ -73,11 +73,11 @@ class Metrics:
         self.batch_size.observe(size)
         self.batch_seconds.observe(max(0.0, seconds))
 
-    def count(self, label: str, reason: str = "") -> None:
-        """One delivered file; ``reason`` is its error text (rejected files)."""
-        self.photos.labels(label=label).inc()
+    def count(self, label: str, reason: str = "", n: int = 1) -> None:
+        """``n`` delivered files; ``reason`` is their error text (rejected files)."""
+        self.photos.labels(label=label).inc(n)
         if label == "rejected" or reason:
-            self.rejected.labels(reason=reason_label(reason)).inc()
+            self.rejected.labels(reason=reason_label(reason)).inc(n)
 
     def read_ahead_totals(self, used: int, discarded: int) -> None:
         """Bring the read-ahead counters up to the service's running totals."""

@@ -30,8 +30,8 @@ from bikewatch.batching import LABEL_REJECTED, LABEL_UNSURE, Prepared, decide, d
 from bikewatch.config import ConfigError, Settings, describe, load_settings, validate
 from bikewatch.decoders import DecodePool, Task
 from bikewatch.journal import (
-    PHASE_CLAIMED, PHASE_DECIDED, DeliveryError, Item, Journal, SettleResult, WorkArea, claim, free_name,
-    recover_dir, journals, return_to_inbox, settle, write_journal,
+    PHASE_CLAIMED, PHASE_DECIDED, DeliveryError, Item, Journal, SettleResult, WorkArea, claim, deliver_decided,
+    free_name, recover_dir, journals, return_to_inbox, settle, write_journal,
 )
 from bikewatch.ledger import Ledger
 from bikewatch.metrics import Metrics
@@ -508,10 +508,11 @@ class Service:
         """On the claimer thread: claim the batch's files, then queue the ones not read ahead for decoding."""
         journal = claim(self.s.inbox, work_dir, journal, path)
         futures: list[Future[Prepared]] = []
+        work = os.fspath(work_dir)
         for it in journal.items:
             usable = early.get(it.source)
             if usable is None:
-                futures.append(pool.submit(work_dir / it.key, it.key, max_pixels=self.s.max_pixels))
+                futures.append(pool.submit(os.path.join(work, it.key), it.key, max_pixels=self.s.max_pixels))
             else:
                 done: Future[Prepared] = Future()
                 done.set_result(replace(usable.prepared, key=it.key))
@@ -602,17 +603,18 @@ class Service:
             return
         items: list[Item] = []
         chosen: dict[str, set[str]] = collections.defaultdict(set)
+        output, decided_at = os.fspath(self.s.output), utc_now()
         for i, (item, prep) in enumerate(zip(batch.journal.items, prepared)):
             if i not in by_index:
                 label, pm, pr = LABEL_REJECTED, None, None
             else:
                 pm, pr = float(by_index[i][0]), float(by_index[i][1])
                 label = decide(pm, pr, self.s.unsure_below)
-            name = free_name(self.s.output / label, os.path.basename(item.source), chosen[label])
+            name = free_name(os.path.join(output, label), os.path.basename(item.source), chosen[label])
             chosen[label].add(name)
-            items.append(replace(
-                item, label=label, p_mountain=pm, p_road=pr, sha256=prep.sha256, size=prep.size,
-                mtime_ns=prep.mtime_ns, error=prep.error, timestamp=utc_now(), dest=f"{label}/{name}",
+            items.append(Item(
+                key=item.key, source=item.source, label=label, p_mountain=pm, p_road=pr, sha256=prep.sha256,
+                size=prep.size, mtime_ns=prep.mtime_ns, error=prep.error, timestamp=decided_at, dest=f"{label}/{name}",
             ))
         journal = replace(batch.journal, phase=PHASE_DECIDED, items=tuple(items), model=self.classifier.identity)
         future = self._deliverer.submit(self._deliver, batch.path, journal, self.work.dir)
@@ -621,8 +623,8 @@ class Service:
     def _deliver(self, path: Path, journal: Journal, work_dir: Path) -> SettleResult:
         """On the deliverer thread: record the decision durably, then place the files and write the rows."""
         write_journal(path, journal)
-        return settle(path, work_dir, inbox=self.s.inbox, output=self.s.output, ledger=self.ledger,
-                      fresh=True, digest=digest_file)
+        return deliver_decided(path, journal, work_dir, inbox=self.s.inbox, output=self.s.output, ledger=self.ledger,
+                               digest=digest_file)
 
     def _join_delivery(self) -> None:
         """Wait for the batch on the deliverer thread (if any) and account for it, on the main thread."""
@@ -650,8 +652,9 @@ class Service:
             self.backoff = 0.0
         self.counts.batches += 1
         self.metrics.observe_batch(len(items), time.monotonic() - batch.started)
+        for (label, error), n in collections.Counter((it.label, it.error) for it in result.delivered).items():
+            self.metrics.count(label, error, n)
         for item in result.delivered:
-            self.metrics.count(item.label, item.error)
             self.counts.by_label[item.label] += 1
             self.counts.last_file = item.dest
             if item.error:

@@ -13,17 +13,18 @@ import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
 from bikewatch.batching import digest_file
 from bikewatch.journal import (
-    LOCK_NAME, PHASE_CLAIMED, PHASE_DECIDED, DeliveryError, Item, Journal, WorkArea, claim, free_name, journals,
-    read_journal, recover_dir, return_to_inbox, row_for, settle, write_journal,
+    LOCK_NAME, PHASE_CLAIMED, PHASE_DECIDED, DeliveryError, Item, Journal, SettleResult, WorkArea, claim,
+    deliver_decided, free_name, journals, read_journal, recover_dir, return_to_inbox, row_for, settle, write_journal,
 )
 from bikewatch.ledger import COLUMNS, Ledger
 
@@ -68,6 +69,24 @@ def env(tmp_path: Path) -> Iterator[Env]:
     e = Env(tmp_path)
     yield e
     e.work.close()
+
+
+Finish = Callable[[Env, Path, Journal], SettleResult]
+
+
+def _by_settle(env: Env, path: Path, _decided: Journal) -> SettleResult:
+    return env.settle(path, fresh=True)
+
+
+def _by_deliver_decided(env: Env, path: Path, decided: Journal) -> SettleResult:
+    return deliver_decided(path, decided, env.work.dir, inbox=env.inbox, output=env.output, ledger=env.ledger,
+                           digest=digest_file)
+
+
+@pytest.fixture(params=[_by_settle, _by_deliver_decided], ids=["settle", "deliver_decided"])
+def finish(request: pytest.FixtureRequest) -> Finish:
+    """The two ways a decided batch is finished: the service's fast path, and settle(), which it falls back to."""
+    return request.param  # type: ignore[no-any-return]
 
 
 def claimed_journal(env: Env, sources: list[str], batch: str = "") -> tuple[Journal, Path]:
@@ -136,13 +155,13 @@ def test_journal_json_round_trip_with_awkward_names() -> None:
 # --------------------------------------------------------------------------- settle, the normal path
 
 
-def test_settle_places_files_and_writes_one_row_each(env: Env) -> None:
+def test_settle_places_files_and_writes_one_row_each(env: Env, finish: Finish) -> None:
     env.put("a.jpg", b"mountain bytes")
     env.put("DCIM/100CANON/b.jpg", b"road bytes")
     env.put("broken.jpg", b"<html>")
     journal, path = claimed_journal(env, ["a.jpg", "DCIM/100CANON/b.jpg", "broken.jpg"])
     decided = decide(env, journal, path, {"a.jpg": "mountain", "DCIM/100CANON/b.jpg": "road", "broken.jpg": "rejected"})
-    res = env.settle(path, fresh=True)
+    res = finish(env, path, decided)
     assert [i.key for i in res.delivered] == [i.key for i in decided.items] and not res.returned
     assert not path.exists()
     assert journals(env.work.dir) == []
@@ -163,16 +182,61 @@ def test_settle_places_files_and_writes_one_row_each(env: Env) -> None:
     assert list(rows[0]) == list(COLUMNS)
 
 
-def test_settle_never_overwrites_a_name_taken_after_the_decision(env: Env) -> None:
+def test_settle_never_overwrites_a_name_taken_after_the_decision(env: Env, finish: Finish) -> None:
     env.put("IMG_0001.jpg", b"new")
-    journal, path = claimed_journal(env, ["IMG_0001.jpg"])
-    decide(env, journal, path, {"IMG_0001.jpg": "road"})
+    env.put("IMG_0002.jpg", b"second")
+    journal, path = claimed_journal(env, ["IMG_0001.jpg", "IMG_0002.jpg"])
+    decided = decide(env, journal, path, {"IMG_0001.jpg": "road", "IMG_0002.jpg": "road"})
     (env.output / "road" / "IMG_0001.jpg").write_bytes(b"arrived meanwhile")
-    res = env.settle(path, fresh=True)
+    res = finish(env, path, decided)
+    assert (env.output / "road" / "IMG_0002.jpg").read_bytes() == b"second"
+    assert len(env.rows()) == 2 and not path.exists()
     assert (env.output / "road" / "IMG_0001.jpg").read_bytes() == b"arrived meanwhile"
     assert (env.output / "road" / "IMG_0001 (1).jpg").read_bytes() == b"new"
     assert res.delivered[0].dest == "road/IMG_0001 (1).jpg"
     assert env.rows()[0]["destination"] == str(env.output / "road" / "IMG_0001 (1).jpg")
+
+
+def test_a_missing_label_folder_is_made_again(env: Env, finish: Finish) -> None:
+    env.put("a.jpg", b"A")
+    journal, path = claimed_journal(env, ["a.jpg"])
+    decided = decide(env, journal, path, {"a.jpg": "road"})
+    shutil.rmtree(env.output / "road")  # a user tidying up the output while the batch was classified
+    finish(env, path, decided)
+    assert (env.output / "road" / "a.jpg").read_bytes() == b"A"
+    assert [r["destination"] for r in env.rows()] == [str(env.output / "road" / "a.jpg")]
+
+
+def test_a_work_file_gone_before_delivery_counts_as_placed_as_in_recovery(env: Env, finish: Finish) -> None:
+    env.put("a.jpg", b"A")
+    env.put("b.jpg", b"B")
+    journal, path = claimed_journal(env, ["a.jpg", "b.jpg"])
+    decided = decide(env, journal, path, {"a.jpg": "road", "b.jpg": "mountain"})
+    os.rename(env.work.dir / decided.items[0].key, env.output / "road" / "a.jpg")  # as a crash after its rename
+    res = finish(env, path, decided)
+    assert [i.key for i in res.delivered] == [i.key for i in decided.items]
+    assert (env.output / "mountain" / "b.jpg").read_bytes() == b"B"
+    assert sorted(r["id"] for r in env.rows()) == sorted(i.key for i in decided.items)
+
+
+def test_deliver_decided_copies_across_filesystems(env: Env, tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on a filesystem other than tmp_path's")
+    output = Path(tempfile.mkdtemp(prefix="bikewatch-test-", dir=shm))
+    try:
+        env.put("a.jpg", b"A" * 1000)
+        journal, path = claimed_journal(env, ["a.jpg"])
+        env.output = output
+        decided = decide(env, journal, path, {"a.jpg": "road"})
+        res = _by_deliver_decided(env, path, decided)
+        assert (output / "road" / "a.jpg").read_bytes() == b"A" * 1000
+        assert os.stat(output / "road" / "a.jpg").st_mtime_ns == OLD_NS
+        assert [i.key for i in res.delivered] == [decided.items[0].key]
+        assert os.listdir(output / "road") == ["a.jpg"]  # no partial copy left beside it
+        assert not os.path.lexists(env.work.dir / decided.items[0].key) and not path.exists()
+    finally:
+        shutil.rmtree(output)
 
 
 def test_free_name_skips_names_on_disk_and_taken_in_the_batch(env: Env) -> None:
@@ -200,14 +264,14 @@ def test_settle_of_a_claimed_journal_returns_files_to_the_inbox(env: Env) -> Non
     assert not path.exists() and env.rows() == []
 
 
-def test_settle_raises_delivery_error_when_a_label_folder_is_a_file(env: Env) -> None:
+def test_settle_raises_delivery_error_when_a_label_folder_is_a_file(env: Env, finish: Finish) -> None:
     env.put("a.jpg", b"A")
     journal, path = claimed_journal(env, ["a.jpg"])
-    decide(env, journal, path, {"a.jpg": "road"})
+    decided = decide(env, journal, path, {"a.jpg": "road"})
     shutil.rmtree(env.output / "road")
     (env.output / "road").write_bytes(b"not a folder")
     result: list[object] = []
-    t = threading.Thread(target=lambda: result.append(_catch(lambda: env.settle(path, fresh=True))), daemon=True)
+    t = threading.Thread(target=lambda: result.append(_catch(lambda: finish(env, path, decided))), daemon=True)
     t.start()
     t.join(10)
     assert not t.is_alive(), "settle() loops forever when OUTPUT/road is a file"
