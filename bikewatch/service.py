@@ -26,7 +26,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bikewatch.batching import LABEL_REJECTED, LABEL_UNSURE, Prepared, decide, digest_file, prepare, should_dispatch
+from bikewatch.batching import (
+    LABEL_REJECTED, LABEL_UNSURE, BatchBuffer, Prepared, decide, digest_file, prepare, should_dispatch,
+)
 from bikewatch.config import ConfigError, Settings, describe, load_settings, validate
 from bikewatch.decoders import DecodePool, Task
 from bikewatch.journal import (
@@ -145,6 +147,7 @@ class Service:
         # Claims get a thread of their own, so that one never waits behind a delivery's fsyncs.
         self._claimer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="claim")
         self._delivering: tuple[InFlight, Journal, int, float, Future[Any]] | None = None
+        self._batch = BatchBuffer(settings.max_batch)  # the main thread's, for predict()
 
     # ----- start-up -------------------------------------------------------------------------
 
@@ -550,7 +553,7 @@ class Service:
         entries = ra.unclassified(self.s.max_batch)
         if not entries or (len(entries) < self.s.max_batch and ra.reading()):
             return False
-        ra.classified(entries, self.classifier.predict(np.stack([e.array for e in entries])),  # type: ignore[misc]
+        ra.classified(entries, self.classifier.predict(self._batch.stack([e.array for e in entries])),  # type: ignore[misc]
                       self.classifier.identity)  # every entry still holds its array (see ReadAhead.unclassified)
         self.log.debug("read ahead", classified=len(entries), held=len(ra))
         return True
@@ -585,7 +588,7 @@ class Service:
         todo = [i for i, p in enumerate(prepared) if p.array is not None and i not in by_index]
         t0 = time.monotonic()
         if todo:
-            probs = self.classifier.predict(np.stack([prepared[i].array for i in todo]))  # type: ignore[misc]
+            probs = self.classifier.predict(self._batch.stack([prepared[i].array for i in todo]))  # type: ignore[misc]
             by_index.update((i, probs[j]) for j, i in enumerate(todo))
         infer_ms = (time.monotonic() - t0) * 1000
         good = sorted(by_index)
