@@ -12,7 +12,8 @@ On the same photos and the same machine it measures:
 4. **roofline**: what 2 and 3 allow when they share the cores,
    ``1 / (1/decode + 1/inference)``;
 5. **end to end**: a real ``bikewatch run`` child: N photos renamed into its
-   inbox at once, timed from the first rename to the last CSV row;
+   inbox at once, timed from the first rename to the last CSV row; the best of
+   ``--runs`` such runs (default 3), as 2 and 3 are the best of three rounds;
 6. **latency**: single photos dropped into a quiet inbox, from the rename to
    the CSV row, raw and minus the settle time the daemon waits by design
    (a rename into the inbox says "complete", so ``closed_settle_seconds`` applies);
@@ -67,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"source photos, searched recursively (default {DEFAULT_PHOTOS} when present, "
                         "else synthetic 1000x600 JPEGs)")
     p.add_argument("--synthetic", action="store_true", help="use synthetic JPEGs even when shared photos exist")
+    p.add_argument("--runs", type=int, default=3, metavar="K",
+                   help="end-to-end runs of N photos each; the best is compared with the roofline, as decode "
+                        "and inference are best of 3 rounds too (default 3)")
     p.add_argument("--naive", type=int, default=200, metavar="N", help="photos for the naive baseline (default 200)")
     p.add_argument("--latency-drops", type=int, default=20, metavar="N",
                    help="single photos dropped into the quiet inbox (default 20)")
@@ -555,8 +559,8 @@ def run_bench(args: argparse.Namespace) -> int:
     rename_settle_s = min(closed_settle_s, settle_s)
     workers = int(overrides.get("decode_workers", defaults.decode_workers)) or (os.cpu_count() or 1)
     max_pixels = int(overrides.get("max_pixels", defaults.max_pixels))
-    for name in ("photos", "naive", "latency_drops"):
-        if getattr(args, name) < 0 or (name == "photos" and args.photos < 1):
+    for name in ("photos", "runs", "naive", "latency_drops"):
+        if getattr(args, name) < 0 or (name in ("photos", "runs") and getattr(args, name) < 1):
             print(f"bikewatch: error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
             return 2
 
@@ -596,8 +600,8 @@ def run_bench(args: argparse.Namespace) -> int:
             settings["model"] = str(args.model.resolve())
         settings.update({k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
         settings["max_batch"] = batch
-        log(f"staging {args.photos} + {args.latency_drops} copies")
-        staged = stage_copies(photos, work / "stage", args.photos, "bench")
+        log(f"staging {args.runs} x {args.photos} + {args.latency_drops} copies")
+        staged = [stage_copies(photos, work / f"stage{r}", args.photos, f"bench{r}") for r in range(args.runs)]
         drops = stage_copies(photos, work / "stage-latency", args.latency_drops, "latency")
         os.sync()  # no dirty pages of ours for the daemon's fsyncs to wait for
 
@@ -633,8 +637,14 @@ def run_bench(args: argparse.Namespace) -> int:
         i = result["inference"]["rate"]
         result["roofline"] = {"rate": 1 / (1 / d + 1 / i)}
         del arrays, classifier
-        log(f"end to end: {args.photos} photos")
-        e2e = measure_end_to_end(daemon, counter, staged, inbox)
+        runs = []
+        for r, batch_of_copies in enumerate(staged):
+            log(f"end to end: {args.photos} photos (run {r + 1} of {args.runs})")
+            if r:
+                time.sleep(1.0)  # the previous run's last deliveries are done; the daemon idles
+            runs.append(measure_end_to_end(daemon, counter, batch_of_copies, inbox))
+        e2e = max(runs, key=lambda run: run["rate"])
+        e2e["runs"] = [run["rate"] for run in runs]
         e2e["seconds_minus_settle"] = e2e["seconds"] - rename_settle_s
         e2e["rate_minus_settle"] = e2e["photos"] / e2e["seconds_minus_settle"]
         e2e["hwm_kib"] = tree_status_kib(daemon.pid, "VmHWM")
@@ -647,7 +657,7 @@ def run_bench(args: argparse.Namespace) -> int:
         code = daemon.stop()
         result["daemon_exit"] = code
         result["machine"]["loadavg_end"] = os.getloadavg()[0]
-        expected = args.photos + args.latency_drops
+        expected = args.runs * args.photos + args.latency_drops
         sorted_total = sum(v for k, v in result["outputs"].items())
         if sorted_total != expected or counter.rows() != expected:
             raise RuntimeError(f"expected {expected} sorted photos and CSV rows, found {sorted_total} files "
@@ -718,8 +728,10 @@ def render_table(r: dict[str, Any], args: argparse.Namespace) -> str:
     rows.append(Row("roofline", "4 roofline (2 and 3 share cores)", f"{r['roofline']['rate']:8.1f} photos/s",
                     "1/(1/decode + 1/inference), with the faster of the two decode rows"))
     e = r["end_to_end"]
+    runs = e.get("runs", [e["rate"]])
     rows.append(Row("end_to_end", f"5 end to end ({e['photos']} photos)", f"{e['rate']:8.1f} photos/s",
-                    f"{e['seconds']:.2f} s first rename -> last CSV row; daemon {e['daemon_cores']:.2f} cores; "
+                    f"{e['seconds']:.2f} s first rename -> last CSV row, best of {len(runs)} runs "
+                    f"({', '.join(f'{x:.0f}' for x in runs)}/s); daemon {e['daemon_cores']:.2f} cores; "
                     f"{_other(e['cpu'])}"))
     rows.append(Row("end_to_end_minus_settle", "  end to end minus settle", f"{e['rate_minus_settle']:8.1f} photos/s",
                     f"{e['seconds_minus_settle']:.2f} s (settle after a rename {r['rename_settle_seconds']:g} s: "
