@@ -10,7 +10,9 @@ batch goes through these steps, each durable before the next begins:
 2. **decided**: after classification the journal is rewritten with each
    item's label, probabilities, digest and chosen destination.
 3. :func:`settle` places each file with a no-clobber rename, appends the CSV
-   rows of the batch in one write, fsyncs, and deletes the journal.
+   rows of the batch in one write, fsyncs, and deletes the journal. (The service
+   runs :func:`deliver_decided`, the same steps without the checks only a restart
+   can need; it hands anything unexpected to :func:`settle`.)
 
 :func:`settle` is also the recovery procedure: it is idempotent, and it tells
 what was done from what is on disk (a work file that is gone was placed). A
