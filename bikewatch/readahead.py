@@ -22,6 +22,7 @@ This module is bookkeeping only: the service owns the threads and the model.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -124,7 +125,7 @@ class ReadAhead:
         self._drop(seen.rel)
         self._entries[seen.rel] = Early(seen, future)
         self._reading.add(seen.rel)
-        future.add_done_callback(lambda f, rel=seen.rel: self._finished(rel, f))
+        future.add_done_callback(functools.partial(self._finished, seen.rel))
 
     def _finished(self, rel: str, future: Future[Prepared]) -> None:
         self._done.append((rel, future))  # deque.append is atomic: safe from a decode proxy thread

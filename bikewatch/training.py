@@ -208,7 +208,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, paths: Sequence[Path]
     missed = [
         {"path": str(paths[i]), "true": CLASSES[int(y_true[i])], "predicted": CLASSES[int(pred[i])],
          "confidence": float(probs[i].max())}
-        for i in np.flatnonzero(pred != y_true)
+        for i in map(int, np.flatnonzero(pred != y_true))
     ]
     accuracy = float((pred == y_true).mean()) if len(y_true) else 0.0
     return Metrics(accuracy, conf.tolist(), precision, recall, missed, int(len(y_true)))
