@@ -20,7 +20,7 @@ import pytest
 
 import imagefactory as img
 from bikewatch.batching import VOUCH_AGE_NS, prepare
-from bikewatch.decoders import NICENESS, DecodePool, Packed, Task, pack, prepare_task, unpack
+from bikewatch.decoders import CHUNK, NICENESS, DecodePool, Packed, Task, pack, prepare_task, take_size, unpack
 from harness import Daemon, wait_until
 
 MAX_PIXELS = 100_000_000
@@ -34,6 +34,30 @@ def crash_on_request(task: Task) -> Packed:
     if "stuck" in task.key:
         time.sleep(3600)  # a codec in an endless loop
     return prepare_task(task)
+
+
+def slow_pid(task: Task) -> Packed:
+    """A job for the tests: a tenth of a second of work, and which worker did it."""
+    time.sleep(0.1)
+    return (task.key, None, "", os.getpid(), 0, "", None)
+
+
+def test_take_size_is_a_fair_share_of_the_queue_up_to_a_chunk() -> None:
+    assert take_size(1, 2) == 1
+    assert take_size(4, 2) == 2 and take_size(5, 2) == 3
+    assert take_size(96, 2) == CHUNK
+    assert take_size(96, 16) == 6
+    assert take_size(0, 0) == 1
+
+
+def test_a_few_queued_files_spread_over_all_workers(tmp_path: Path) -> None:
+    with DecodePool(4, job=slow_pid) as pool:
+        assert pool.wait_ready(60)
+        futures = [pool.submit(tmp_path / f"f{i}.jpg", f"f{i}", max_pixels=MAX_PIXELS) for i in range(8)]
+        pids = {f.result(timeout=60).size for f in futures}
+        assert pids <= set(pool.pids())
+    # At most a fair share each (2 of 8 queued files per worker): one proxy cannot take them all.
+    assert len(pids) >= 3, f"8 files went to only {len(pids)} of 4 workers"
 
 
 def _gone(pid: int) -> bool:
