@@ -86,3 +86,48 @@ def test_model_file_replaced_or_sighup_switches_model(tmp_path: Path) -> None:
         assert infos and infos[-1].startswith("current@")
     finally:
         d.stop_quietly()
+
+
+def test_a_photo_read_ahead_by_the_previous_model_is_classified_again_by_the_new_one(tmp_path: Path) -> None:
+    """Read-ahead keeps probabilities with the model that made them; a switch before the claim discards them,
+    and the claimed file is read and classified again, so no row carries the old model's verdict."""
+    from bikewatch.batching import prepare
+    from bikewatch.model import default_model_path, load_classifier
+
+    model = tmp_path / "current.keras"
+    shutil.copy(default_model_path(), model)
+    # A long settle: the photos are read and classified ahead while they wait, and the model
+    # is replaced before they may be moved.
+    d = Daemon(tmp_path, settings={"model": str(model), "settle_seconds": 12.0, "closed_settle_seconds": 12.0,
+                                   "log_level": "debug"}).start()
+    try:
+        for i in range(2):
+            _photo(d.inbox / f"p{i}.jpg", 10 + i)
+        ahead = wait_until(lambda: [e for e in d.events("read ahead") if e["classified"] == 2], 30,
+                           what="both photos classified while they settle")
+        assert ahead and not d.rows()
+        old_model = d.events("model loaded")[0]["model"]
+
+        staged = tmp_path / "staged.keras"
+        _flipped_model(model, staged)
+        os.replace(staged, model)
+        switched = wait_until(lambda: d.events("model switched"), 30, what="model switched event")
+        new_model = switched[0]["model"]
+        assert new_model != old_model
+        assert not d.rows(), "the settle time was too short for this test: the photos went before the switch"
+
+        rows = wait_until(lambda: d.rows() if len(d.rows()) == 2 else None, 60, what="both photos sorted")
+        new = load_classifier(model)
+        for row in rows:
+            assert row["model"] == new_model
+            placed = Path(row["destination"])
+            prepared = prepare(placed, "k", max_pixels=100_000_000)
+            assert prepared.array is not None
+            expected = new.predict(prepared.array[None])[0]
+            assert abs(float(row["p_mountain"]) - float(expected[0])) < 1e-4, (row, expected)
+            assert abs(float(row["p_road"]) - float(expected[1])) < 1e-4, (row, expected)
+        assert d.terminate() == 0
+        stopped = d.events("stopped")[0]
+        assert (stopped["read_ahead_used"], stopped["read_ahead_wasted"]) == (0, 2)  # both read again at the claim
+    finally:
+        d.stop_quietly()
