@@ -434,12 +434,17 @@ class InboxWatcher:
         self._skip = os.fsencode(str(skip))
         skip_prefix = str(skip) + os.sep
         root = str(inbox)
+        root_prefix = root if root.endswith(os.sep) else root + os.sep  # "/" stays "/"
 
         def rel_of(path: str | bytes) -> str | None:
+            # watchdog joins each name to the watched folder's path, so a prefix cut is the
+            # relative path (os.path.relpath normalises both paths first: 25x the CPU, per event).
             p = os.fsdecode(path)
-            if p == str(skip) or p.startswith(skip_prefix) or not p.startswith(root):
+            if p == str(skip) or p.startswith(skip_prefix):
                 return None
-            return os.path.relpath(p, root)
+            if p == root:
+                return "."
+            return p[len(root_prefix):] if p.startswith(root_prefix) else None
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
