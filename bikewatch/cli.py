@@ -314,8 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("status", cmd_status, "is the service running, files waiting, counts today and in total, last error",
             "bikewatch status --config /etc/bikewatch/bikewatch.toml")
-    p.epilog = (p.epilog or "") + ("\n\nexit status (like systemctl status):\n  0  running\n  3  not running "
-                 "(also when only a stale status file of a dead worker is left)\n  2  the configuration cannot be read")
+    p.epilog = (p.epilog or "") + (
+        "\n\nexit status (like systemctl status):\n  0  running\n  3  not running "
+        "(also when only a stale status file of a dead worker is left)\n  2  the configuration cannot be read")
     p.add_argument("--config", type=Path, metavar="FILE",
                    help="TOML config file (default: BIKEWATCH_CONFIG, else built-in defaults)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -7,9 +7,9 @@ about a quarter of a core idle (see ``benchmarks/README.md``). A decoder that cr
 (a codec bug met by a hostile file) also takes only its worker down, not the service.
 
 How: one *proxy thread* per worker process takes queued files, up to :data:`CHUNK` at a
-time but no more than its share of the queue, sends their paths over a pipe and waits for the results (waiting on a pipe
-releases the GIL). :meth:`DecodePool.submit` returns a
-:class:`concurrent.futures.Future`, like a ``ThreadPoolExecutor``, so a read that is
+time but no more than its share of the queue, sends their paths over a pipe and waits
+for the results (waiting on a pipe releases the GIL). :meth:`DecodePool.submit` returns
+a :class:`concurrent.futures.Future`, like a ``ThreadPoolExecutor``, so a read that is
 still queued can be cancelled.
 
 A worker that dies, or takes longer than :data:`TIMEOUT_SECONDS` per file, is replaced.
