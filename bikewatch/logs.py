@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
-from typing import Any, TextIO
+import tempfile
+from typing import Any, Iterator, TextIO
 
 import structlog
 
@@ -45,3 +48,32 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
 
 def get_logger(**bind: Any) -> Any:
     return structlog.get_logger("bikewatch").bind(**bind)
+
+
+@contextlib.contextmanager
+def native_stderr_as_debug(event: str) -> Iterator[None]:
+    """While the block runs, what native code writes to file descriptor 2 becomes debug records.
+
+    Importing TensorFlow and looking for GPUs writes about seven lines straight to fd 2,
+    past Python and past ``TF_CPP_MIN_LOG_LEVEL`` (absl logs everything before it is
+    initialised): oneDNN notes, "Could not find cuda drivers" and, on every machine
+    without a GPU, "E0000 ... failed call to cuInit". Under systemd they land in the
+    journal as unstructured error lines at every start. They are kept, one ``event``
+    record each at debug level (``log_level = "debug"`` shows them). Only for short,
+    single-purpose blocks: other threads' writes to fd 2 are captured too.
+    """
+    log = get_logger()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode("utf-8", "replace").splitlines():
+                if line.strip():
+                    log.debug(event, line=line)

@@ -37,7 +37,7 @@ from bikewatch.journal import (
 )
 from bikewatch.ledger import Ledger
 from bikewatch.metrics import Metrics
-from bikewatch.logs import configure, get_logger
+from bikewatch.logs import configure, get_logger, native_stderr_as_debug
 from bikewatch.model import CLASSES, Classifier, ModelError, load_classifier
 from bikewatch.readahead import QUIET_SECONDS, ReadAhead, Usable
 from bikewatch.signals import SignalRelay
@@ -273,7 +273,8 @@ class Service:
     def _run(self, pool: DecodePool) -> int:
         self.log.info("starting", settings=describe(self.s), pid=os.getpid())
         self.notifier.extend_timeout(120)
-        device = configure_device(self.s.device)
+        with native_stderr_as_debug("tensorflow start-up"):  # absl's lines, not errors of ours
+            device = configure_device(self.s.device)
         self.log.info("device", device=device)
         try:
             self.classifier = self._load_model()
