@@ -84,7 +84,7 @@ def _rename_if_absent(src: str | Path, dst: str | Path) -> None:
     os.rename(src, dst)
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | Path) -> None:
     """Make renames and new names in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

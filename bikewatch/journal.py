@@ -354,8 +354,28 @@ def settle(
                 raise DeliveryError(exc.errno, f"cannot deliver to {dest.parent}: {exc.strerror}") from exc
         touched.add(dest.parent)
         placed.append(item)
+    _record(journal_path, journal, placed, touched, inbox=inbox, output=output, ledger=ledger, fresh=fresh)
+    result.delivered = placed
+    return result
+
+
+def _record(
+    journal_path: Path,
+    journal: Journal,
+    placed: list[Item],
+    folders: Collection[str | Path],
+    *,
+    inbox: Path,
+    output: Path,
+    ledger: Ledger,
+    fresh: bool,
+) -> None:
+    """The end of every delivery: the new names durable, one CSV row per placed file, the journal gone.
+
+    Unless ``fresh``, rows the CSV already holds (a restart after the append) are not written again.
+    """
     try:
-        for folder in touched:
+        for folder in folders:
             fsync_dir(folder)
         existing = set() if fresh else ledger.ids()
         rows = [
@@ -366,9 +386,7 @@ def settle(
         ledger.append(rows)
     except OSError as exc:
         raise DeliveryError(exc.errno, f"cannot write the CSV log {ledger.path}: {exc.strerror}") from exc
-    result.delivered = placed
     _remove_journal(journal_path)
-    return result
 
 
 def deliver_decided(
@@ -408,15 +426,9 @@ def deliver_decided(
                 place(Path(src), Path(dest), tmp_name=_partial_name(item))  # across filesystems: a durable copy
     except OSError:
         return settle(journal_path, work_dir, inbox=inbox, output=output, ledger=ledger, fresh=True, digest=digest)
-    try:
-        for folder in folders:
-            fsync_dir(Path(folder))
-        ledger.append([row_for(it, inbox=inbox, output=output, model=journal.model, worker=journal.worker)
-                       for it in journal.items])
-    except OSError as exc:
-        raise DeliveryError(exc.errno, f"cannot write the CSV log {ledger.path}: {exc.strerror}") from exc
-    _remove_journal(journal_path)
-    return SettleResult(delivered=list(journal.items))
+    placed = list(journal.items)
+    _record(journal_path, journal, placed, folders, inbox=inbox, output=output, ledger=ledger, fresh=True)
+    return SettleResult(delivered=placed)
 
 
 def return_to_inbox(journal_path: Path, work_dir: Path, *, inbox: Path) -> list[Item]:
