@@ -41,6 +41,7 @@ from bikewatch.logs import configure, get_logger, native_stderr_as_debug
 from bikewatch.model import CLASSES, Classifier, ModelError, load_classifier
 from bikewatch.readahead import QUIET_SECONDS, ReadAhead, Usable
 from bikewatch.signals import SignalRelay
+from bikewatch.status import identity
 from bikewatch.systemd import Notifier, adapt_tensorflow_to_wx, format_status
 from bikewatch.watching import (
     Hints, InboxWatcher, Readiness, Seen, is_ignored, mount_fstype, needs_polling, observe, scan,
@@ -135,6 +136,7 @@ class Service:
         self._status_owed = False  # a batch finished since the status was last published
         self._ready_since: dict[str, float] = {}
         self._started_at = utc_now()
+        self._identity = identity()  # boot id + start time: what `status` tells this process by
         self.workers = settings.decode_workers or max(1, os.cpu_count() or 1)
         # Reads of files still settling: never more than two per decode worker queued ahead of a
         # claimed batch's reads, and a few batches' worth of arrays waiting for the model.
@@ -759,7 +761,7 @@ class Service:
             return
         data = {
             "worker": self.s.worker_name, "pid": os.getpid(), "host": os.uname().nodename,
-            "started": self._started_at, "updated": utc_now(),
+            "started": self._started_at, "updated": utc_now(), **self._identity,
             "model": self.classifier.identity if self.classifier else "",
             "inbox": str(self.s.inbox), "output": str(self.s.output), "log": str(self.s.log_path),
             "counts": dict(self.counts.by_label), "reasons": dict(self.counts.reasons),

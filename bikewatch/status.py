@@ -51,8 +51,45 @@ def pid_alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id() -> str | None:
+    """This boot's random id: a status file written before a reboot names another one."""
+    try:
+        with open(BOOT_ID_PATH, encoding="ascii") as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
+
+
+def start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (``/proc/PID/stat`` field 22).
+
+    Together with the boot id this names one process for good: a pid is reused, a start
+    time on the same boot never is. None when it cannot be read (no /proc, process gone).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            # Field 2 (comm) may hold spaces and parentheses: count from its closing one.
+            rest = fh.read().rsplit(b")", 1)[1].split()
+        return int(rest[19])  # fields 3.. follow comm; field 22 is the 20th of them
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def identity(pid: int | None = None) -> dict[str, Any]:
+    """What a status file records so that ``judge`` can tell this process from a later one with its pid."""
+    pid = os.getpid() if pid is None else pid
+    return {"boot_id": boot_id(), "start_ticks": start_ticks(pid)}
+
+
 def is_bikewatch(pid: int) -> bool | None:
-    """Does process ``pid`` run bikewatch? None when that cannot be read (no /proc)."""
+    """Does process ``pid``'s command line name bikewatch? None when that cannot be read.
+
+    Only for status files written before they carried an identity: any Python started from
+    a path such as ``/opt/bikewatch`` passes, so it is a hint, never proof.
+    """
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
             cmdline = fh.read()
@@ -92,9 +129,17 @@ def judge(
     hostname: str,
     now: dt.datetime,
     alive: Callable[[int], bool] = pid_alive,
+    started: Callable[[int], int | None] = start_ticks,
+    boot: Callable[[], str | None] = boot_id,
     ours: Callable[[int], bool | None] = is_bikewatch,
 ) -> tuple[bool, str]:
-    """(running?, note) for one status file's contents."""
+    """(running?, note) for one status file's contents.
+
+    On this host a worker runs when its pid is alive *and* is still the process that wrote
+    the file: same boot id, same start time. A crash leaves the file behind, and its pid is
+    soon reused by another program, which may well be another Python from a ``bikewatch``
+    folder, so neither the pid nor a name is an identity.
+    """
     try:
         pid = int(data.get("pid", 0))
     except (TypeError, ValueError):
@@ -108,14 +153,22 @@ def judge(
         return False, f"stale status from pid {pid} on host {host}" + (f", {age:.0f} s old" if age is not None else "")
     if not alive(pid):
         return False, f"stale status from pid {pid}"
-    if ours(pid) is False:
+    written_boot, written_start = data.get("boot_id"), data.get("start_ticks")
+    if written_boot is None and written_start is None:  # written by a version without identities
+        if ours(pid) is False:
+            return False, f"stale status from pid {pid}; that pid is now another program"
+        return True, ""
+    this_boot = boot()
+    if written_boot is not None and this_boot is not None and written_boot != this_boot:
+        return False, f"stale status from pid {pid}, written before the last reboot"
+    now_start = started(pid)
+    if written_start is not None and now_start is not None and now_start != written_start:
         return False, f"stale status from pid {pid}; that pid is now another program"
     return True, ""
 
 
 def read_workers(state_dir: Path, *, hostname: str | None = None, now: dt.datetime | None = None,
-                 alive: Callable[[int], bool] = pid_alive,
-                 ours: Callable[[int], bool | None] = is_bikewatch) -> list[Worker]:
+                 alive: Callable[[int], bool] = pid_alive) -> list[Worker]:
     """Every ``STATE_DIR/status/*.json`` (not the ``.tmp`` being written), judged running or stale."""
     hostname = hostname or os.uname().nodename
     now = now or dt.datetime.now(dt.timezone.utc)
@@ -137,7 +190,7 @@ def read_workers(state_dir: Path, *, hostname: str | None = None, now: dt.dateti
         if not isinstance(data, dict):
             workers.append(Worker(path, {}, False, f"malformed status file {name}"))
             continue
-        running, note = judge(data, hostname=hostname, now=now, alive=alive, ours=ours)
+        running, note = judge(data, hostname=hostname, now=now, alive=alive)
         workers.append(Worker(path, data, running, note))
     return workers
 

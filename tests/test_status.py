@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from harness import wait_until  # tests/ is on sys.path (conftest)
+from harness import Daemon, wait_until  # tests/ is on sys.path (conftest)
 
 from bikewatch.cli import build_parser, main
 from bikewatch.ledger import Ledger, Row
-from bikewatch.status import judge, summarize
+from bikewatch.status import boot_id, identity, judge, start_ticks, summarize
 
 UTC = dt.timezone.utc
 HOST = os.uname().nodename
@@ -51,11 +51,14 @@ def site(tmp_path: Path) -> dict[str, Path]:
     return {"inbox": inbox, "out": out, "config": config, "state": inbox / ".bikewatch"}
 
 
-def write_status(state: Path, pid: int, *, host: str = HOST, updated: dt.datetime | None = None) -> Path:
+def write_status(state: Path, pid: int, *, host: str = HOST, updated: dt.datetime | None = None,
+                 ident: dict[str, object] | None = None) -> Path:
+    """A status file as the service writes it; ``ident`` defaults to process ``pid``'s real identity."""
     folder = state / "status"
     folder.mkdir(parents=True, exist_ok=True)
     now = updated or dt.datetime.now(UTC)
-    data = {"worker": "w1", "pid": pid, "host": host, "started": iso(now - dt.timedelta(hours=1)),
+    data = {"worker": "w1", "pid": pid, "host": host, **(identity(pid) if ident is None else ident),
+            "started": iso(now - dt.timedelta(hours=1)),
             "updated": iso(now), "model": "bikes@06d8442773a2", "inbox": "", "output": "", "log": "",
             "counts": {"road": 1}, "reasons": {}, "batches": 1, "waiting": 0, "last_file": "", "last_error": "",
             "output_blocked": False, "inbox_ok": True}
@@ -133,16 +136,93 @@ def test_killed_worker_not_yet_reaped_is_not_running(site: dict[str, Path],
         proc.wait(10)
 
 
-def test_pid_now_used_by_another_program_is_stale(site: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+@pytest.fixture
+def bikewatch_lookalike(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A live process that a name check would take for the service: its command line names
+    ``/opt/bikewatch/bin/bikewatch`` and it runs in a folder called ``bikewatch``, as every
+    Python started from a default clone's ``bikewatch/.venv`` does."""
+    folder = tmp_path / "bikewatch"
+    folder.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "/opt/bikewatch/bin/bikewatch",
+                             "run"], stdin=subprocess.PIPE, cwd=folder)
+    yield proc
+    assert proc.stdin is not None
+    proc.stdin.close()
+    proc.wait(10)
+
+
+def test_pid_reused_by_a_process_that_names_bikewatch_is_stale(
+        site: dict[str, Path], bikewatch_lookalike: subprocess.Popen[bytes], capsys: pytest.CaptureFixture[str]) -> None:
+    """A crashed worker's pid now belongs to another process whose command line and path both say
+    bikewatch: it started later than the one that wrote the file, so the file is stale."""
+    pid = bikewatch_lookalike.pid
+    assert b"bikewatch" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert "bikewatch" in os.readlink(f"/proc/{pid}/cwd")
+    now_start = start_ticks(pid)
+    assert now_start is not None
+    write_status(site["state"], pid, ident={"boot_id": boot_id(), "start_ticks": now_start - 100})
+    assert main(["status", "--config", str(site["config"])]) == 3
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"bikewatch: not running (stale status from pid {pid}; that pid is now another program)")
+
+
+def test_status_written_before_a_reboot_is_stale(site: dict[str, Path], live_bikewatch_process: subprocess.Popen[bytes],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """After a power cut the boot id changes; a pid and even a start time can repeat on the new boot."""
+    pid = live_bikewatch_process.pid
+    write_status(site["state"], pid, ident={"boot_id": "0b5e1e7e-dead-4bee-8000-000000000000",
+                                            "start_ticks": start_ticks(pid)})
+    assert main(["status", "--config", str(site["config"])]) == 3
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"bikewatch: not running (stale status from pid {pid}, written before the last reboot)")
+
+
+def test_status_file_without_identity_falls_back_to_the_command_line(
+        site: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """A file from a version that wrote no identity: only the command line is left to go by."""
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE,
+                             cwd="/")
     try:
-        write_status(site["state"], other.pid)
+        write_status(site["state"], other.pid, ident={})
         assert main(["status", "--config", str(site["config"])]) == 3
         assert "that pid is now another program" in capsys.readouterr().out
     finally:
         assert other.stdin is not None
         other.stdin.close()
         other.wait(10)
+
+
+def test_identity_is_this_boot_and_this_process() -> None:
+    me = identity()
+    assert me["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        theirs = start_ticks(child.pid)
+        assert isinstance(me["start_ticks"], int) and isinstance(theirs, int)
+        assert theirs >= me["start_ticks"]  # started after this test process
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(10)
+    assert start_ticks(child.pid) is None  # reaped: gone
+
+
+@pytest.mark.slow
+def test_live_service_is_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The real service's own status file says running, and stale once it is SIGKILLed."""
+    daemon = Daemon(tmp_path, name="w1").start()
+    try:
+        config = daemon.config
+        wait_until(lambda: list((daemon.inbox / ".bikewatch" / "status").glob("*.json")), 30, what="status file")
+        assert main(["status", "--config", str(config)]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("bikewatch: running (1 worker)\n") and f"pid {daemon.proc.pid}" in out  # type: ignore[union-attr]
+        pid = daemon.proc.pid  # type: ignore[union-attr]
+        daemon.kill()
+        assert main(["status", "--config", str(config)]) == 3
+        assert capsys.readouterr().out.splitlines()[0].startswith(f"bikewatch: not running (stale status from pid {pid}")
+    finally:
+        daemon.stop_quietly()
 
 
 def test_worker_on_another_host_judged_by_freshness() -> None:
