@@ -18,6 +18,7 @@ import hashlib
 import os
 import random
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -152,13 +153,50 @@ def finish(d: Daemon, inputs: collections.Counter[str], timeout: float = 120.0) 
 # --------------------------------------------------------------------------- SIGKILL at any moment
 
 
+def threads_stopped(pid: int) -> bool:
+    """Every thread of ``pid`` has taken its SIGSTOP (state T): nothing of it moves any more."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        return all(Path(f"/proc/{pid}/task/{t}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+                   for t in tasks)
+    except (OSError, IndexError):
+        return False
+
+
+def freeze_with_work_in_flight(d: Daemon, rng: random.Random, refill, deadline: float = 90.0) -> list[str]:
+    """SIGSTOP the daemon at a moment when its work area holds a claimed photo or a batch journal.
+
+    The daemon is frozen while the test looks, so what it sees is what a SIGKILL now would
+    leave behind. Between tries the daemon runs on for a random few milliseconds; when it has
+    drained what it was given, ``refill()`` moves more photos in, so the daemon can never run
+    out of work before the test has made its kill.
+    """
+    assert d.proc is not None
+    pid = d.proc.pid
+    give_up = time.monotonic() + deadline
+    while True:
+        d.signal(signal.SIGSTOP)
+        wait_until(lambda: threads_stopped(pid), 10, interval=0.001, what="daemon stopped")
+        in_flight = work_leftovers(d.inbox)
+        if in_flight:
+            return in_flight
+        if not inbox_files(d.inbox):
+            assert refill(), "no photos left to keep the daemon busy: raise the test's photo count"
+        assert time.monotonic() < give_up, "no moment with work in flight found\n" + d.output_text()
+        d.signal(signal.SIGCONT)
+        time.sleep(rng.uniform(0, 0.005))  # a random moment to look at: a test input, not synchronisation
+
+
 @pytest.mark.parametrize("across", [False, True], ids=["same-filesystem", "across-filesystems"])
 def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path: Path, daemons: list[Daemon],
                                                              across: bool) -> None:
     """300 photos (some broken), max_batch 8, five SIGKILLs at random moments, restart each time.
 
-    Across filesystems the output is on another filesystem (``/dev/shm``), so a kill can
-    land in the middle of a copy + fsync + no-clobber link, the hardest case to recover.
+    Every kill lands while work is in flight, by construction: photos enter the inbox in
+    waves that the test moves in, and the daemon is frozen (SIGSTOP) and killed only at a
+    moment when its work area holds a claimed photo or a batch journal. Across filesystems
+    the output is on another filesystem (``/dev/shm``), so a kill can land in the middle of a
+    copy + fsync + no-clobber link, the hardest case to recover.
     """
     output = tmp_path / "sorted"
     if across:
@@ -172,25 +210,38 @@ def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path: Path, dae
     try:
         d = Daemon(tmp_path, output=output, settings={**FAST, "max_batch": 8})
         daemons.append(d)
-        inputs = write_inputs(tmp_path / "stage", 288, broken=12)
+        stage = tmp_path / "stage"
+        inputs = write_inputs(stage, 288, broken=12)
+        waiting = sorted(os.listdir(stage))
+        rng.shuffle(waiting)
+
+        def refill(n: int = 30) -> int:
+            """Move the next ``n`` staged files into the inbox; how many were moved."""
+            wave = [waiting.pop() for _ in range(min(n, len(waiting)))]
+            for name in wave:
+                os.rename(stage / name, d.inbox / name)
+            return len(wave)
+
         d.start()
-        move_in(tmp_path / "stage", d.inbox)
+        refill(60)
         kills = []
         for k in range(5):
             mode = rng.choice(["rows", "rows", "time"]) if k else "rows"
             if mode == "rows":
-                # After a random number of new CSV rows, plus a random sub-batch delay.
-                target = count_rows(d.log_path) + rng.randint(1, 40)
-                wait_for(d, lambda: count_rows(d.log_path) >= target or drained(d, 300), 60, interval=0.002,
-                           what=f"{target} rows")
-                time.sleep(rng.uniform(0, 0.02))
+                # After a random number of new CSV rows (fewer than there are photos to sort).
+                moved = sum(inputs.values()) - len(waiting)
+                target = min(count_rows(d.log_path) + rng.randint(1, 40), moved - 1)
+                wait_for(d, lambda: count_rows(d.log_path) >= target or not inbox_files(d.inbox), 60,
+                         interval=0.002, what=f"{target} rows")
             else:
                 time.sleep(rng.uniform(0, 0.4))  # soon after READY: recovery, first claims
-            kills.append((mode, count_rows(d.log_path)))
+            in_flight = freeze_with_work_in_flight(d, rng, refill)
+            kills.append((mode, count_rows(d.log_path), len(in_flight)))
             d.kill()
             d.start()
-        print("killed at (mode, rows):", kills)
-        assert kills[-1][1] < 300, "everything was sorted before the last kill; the test proved little"
+        print("killed at (mode, rows, files in the work area):", kills)
+        assert all(n > 0 for _, _, n in kills)
+        refill(len(waiting))
         places = finish(d, inputs)
         print("places:", places)
         assert places.get("rejected") == 12, places
