@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow
+# BIKEWATCH_* variables are settings (config.load_settings reads them, and so does every daemon a
+# test starts): the suite must not take the caller's own settings. Tests that want one set it.
+for _name in [n for n in os.environ if n.startswith("BIKEWATCH_")]:
+    del os.environ[_name]
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent

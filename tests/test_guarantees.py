@@ -204,9 +204,9 @@ def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path: Path, dae
         if other is None:
             pytest.skip("no writable /dev/shm on another filesystem than the test folder")
         output = other / "sorted"
-    seed = int(os.environ.get("BIKEWATCH_TEST_SEED", random.randrange(1 << 30)))
+    seed = int(os.environ.get("TEST_KILL_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
-    print(f"seed {seed} (set BIKEWATCH_TEST_SEED to replay)")
+    print(f"seed {seed} (set TEST_KILL_SEED to replay)")
     try:
         d = Daemon(tmp_path, output=output, settings={**FAST, "max_batch": 8})
         daemons.append(d)
@@ -497,7 +497,7 @@ def test_inbox_filesystem_swapped_and_the_first_one_back(tmp_path: Path, tmpfs, 
 
 
 def test_ten_thousand_photos_at_once_with_bounded_memory(tmp_path: Path, daemons: list[Daemon]) -> None:
-    count = int(os.environ.get("BIKEWATCH_TEST_FLOOD", "10000"))
+    count = int(os.environ.get("TEST_FLOOD_PHOTOS", "10000"))
     d = Daemon(tmp_path, settings={"settle_seconds": 0.3, "rescan_seconds": 5.0})
     daemons.append(d)
     stage = tmp_path / "stage"
