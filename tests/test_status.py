@@ -145,6 +145,8 @@ def bikewatch_lookalike(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     folder.mkdir()
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "/opt/bikewatch/bin/bikewatch",
                              "run"], stdin=subprocess.PIPE, cwd=folder)
+    # Popen returns after fork: until the child's exec its command line is not yet its own.
+    wait_until(lambda: b"/opt/bikewatch" in Path(f"/proc/{proc.pid}/cmdline").read_bytes(), 10, what="exec")
     yield proc
     assert proc.stdin is not None
     proc.stdin.close()
