@@ -67,10 +67,21 @@ def write_status(state: Path, pid: int, *, host: str = HOST, updated: dt.datetim
     return path
 
 
+WAIT_ON_STDIN = "import sys; sys.stdin.read()"
+
+
+def waiting_child(*args: str, cwd: Path | str | None = None) -> subprocess.Popen[bytes]:
+    """A live Python child that waits on its stdin, returned once it has exec'd: until then
+    its /proc/PID/cmdline is still the test process's own (which may well name bikewatch)."""
+    proc = subprocess.Popen([sys.executable, "-c", WAIT_ON_STDIN, *args], stdin=subprocess.PIPE, cwd=cwd)
+    wait_until(lambda: WAIT_ON_STDIN.encode() in Path(f"/proc/{proc.pid}/cmdline").read_bytes(), 10, what="exec")
+    return proc
+
+
 @pytest.fixture
 def live_bikewatch_process() -> Iterator[subprocess.Popen[bytes]]:
     """A real live process whose command line names bikewatch (it waits on its stdin)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "bikewatch"], stdin=subprocess.PIPE)
+    proc = waiting_child("bikewatch")
     yield proc
     assert proc.stdin is not None
     proc.stdin.close()
@@ -124,7 +135,7 @@ def test_running_worker(site: dict[str, Path], live_bikewatch_process: subproces
 def test_killed_worker_not_yet_reaped_is_not_running(site: dict[str, Path],
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """After kill -9 the process is a zombie until its parent reaps it: it still has a pid, but is dead."""
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "bikewatch"], stdin=subprocess.PIPE)
+    proc = waiting_child("bikewatch")
     try:
         write_status(site["state"], proc.pid)
         proc.kill()
@@ -143,10 +154,7 @@ def bikewatch_lookalike(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     Python started from a default clone's ``bikewatch/.venv`` does."""
     folder = tmp_path / "bikewatch"
     folder.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "/opt/bikewatch/bin/bikewatch",
-                             "run"], stdin=subprocess.PIPE, cwd=folder)
-    # Popen returns after fork: until the child's exec its command line is not yet its own.
-    wait_until(lambda: b"/opt/bikewatch" in Path(f"/proc/{proc.pid}/cmdline").read_bytes(), 10, what="exec")
+    proc = waiting_child("/opt/bikewatch/bin/bikewatch", "run", cwd=folder)
     yield proc
     assert proc.stdin is not None
     proc.stdin.close()
@@ -181,9 +189,10 @@ def test_status_written_before_a_reboot_is_stale(site: dict[str, Path], live_bik
 
 def test_status_file_without_identity_falls_back_to_the_command_line(
         site: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    """A file from a version that wrote no identity: only the command line is left to go by."""
-    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE,
-                             cwd="/")
+    """A file from a version that wrote no identity: only the command line is left to go by.
+    (Not a Python child: in a default clone sys.executable's own path names bikewatch.)"""
+    other = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd="/")
+    wait_until(lambda: Path(f"/proc/{other.pid}/cmdline").read_bytes() == b"cat\0", 10, what="exec")
     try:
         write_status(site["state"], other.pid, ident={})
         assert main(["status", "--config", str(site["config"])]) == 3
@@ -197,7 +206,7 @@ def test_status_file_without_identity_falls_back_to_the_command_line(
 def test_identity_is_this_boot_and_this_process() -> None:
     me = identity()
     assert me["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    child = waiting_child()
     try:
         theirs = start_ticks(child.pid)
         assert isinstance(me["start_ticks"], int) and isinstance(theirs, int)
