@@ -177,3 +177,24 @@ def test_the_daemon_runs_litert_without_tensorflow_and_without_onednn_settings(t
         assert not any("ONEDNN" in line for line in d.lines)
     finally:
         assert d.terminate() == 0
+
+
+def test_classify_under_wx_gives_the_same_probabilities(tmp_path: Path) -> None:
+    """W^X as MemoryDenyWriteExecute=yes imposes it (PR_SET_MDWE before exec): LiteRT needs no JIT."""
+    from bikewatch.bench import deny_write_execute, wx_available
+
+    why = wx_available()
+    if why is not None:
+        pytest.skip(why)
+    paths = [f.jpeg(tmp_path / f"g{i}.jpg", image=f.gradient((500 + 50 * i, 300))) for i in range(3)]
+    env = {**os.environ}
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+    done = subprocess.run([sys.executable, "-m", "bikewatch", "classify", "--format", "json", *map(str, paths)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+                          preexec_fn=deny_write_execute)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    rows = json.loads(done.stdout)
+    here = predict_files(load_classifier(), [preprocess_file(p) for p in paths])
+    got = np.array([[r["p_mountain"], r["p_road"]] for r in rows])
+    assert np.allclose(got, here, atol=1e-6)
