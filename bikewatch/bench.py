@@ -170,6 +170,18 @@ def tree_status_kib(pid: int, key: str) -> int:
     return total
 
 
+def tree_pss_kib(pid: int) -> int:
+    """Proportional set size of ``pid`` and its descendants: shared pages split, as the cgroup counts them once."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as fh:
+                total += next((int(line.split()[1]) for line in fh if line.startswith("Pss:")), 0)
+        except OSError:
+            pass
+    return total
+
+
 class CpuMeter:
     """CPU used during a span: by us, by the daemon (and its workers), and by everything else on the machine."""
 
@@ -737,6 +749,7 @@ def run_bench(args: argparse.Namespace) -> int:
             e2e["rate_minus_settle"] = e2e["photos"] / e2e["seconds_minus_settle"]
             e2e["hwm_kib"] = tree_status_kib(daemon.pid, "VmHWM")
             e2e["rss_kib"] = tree_status_kib(daemon.pid, "VmRSS")
+            e2e["pss_kib"] = tree_pss_kib(daemon.pid)
             e2e["processes"] = len(process_tree(daemon.pid))
             part["end_to_end"] = e2e
             if first:
@@ -875,8 +888,9 @@ def render_table(r: dict[str, Any], args: argparse.Namespace) -> str:
                     f"{idle['pct_of_core']:8.2f} % of a core",
                     f"{idle['cpu_s']:.2f} CPU s; after load {r['idle_after_load']['pct_of_core']:.2f} %"))
     rows.append(Row("memory", "  memory idle / peak", f"{idle['rss_kib'] / mib:5.0f} / {e['hwm_kib'] / mib:.0f} MiB",
-                    f"VmRSS idle / VmHWM after the runs (VmRSS then {e['rss_kib'] / mib:.0f} MiB); the daemon and "
-                    f"its {e.get('processes', 1) - 1} decode workers, summed"))
+                    f"VmRSS idle / VmHWM after the runs (then VmRSS {e['rss_kib'] / mib:.0f}, PSS "
+                    f"{e.get('pss_kib', 0) / mib:.0f} MiB); the daemon and its {e.get('processes', 1) - 1} child "
+                    "processes (decode workers, resource tracker), summed"))
     rows.append(Row("startup", "  start-up to READY=1", f"{r['startup_s']:8.2f} s",
                     f"spawn -> READY=1 on NOTIFY_SOCKET ({mode})"))
     inst = r["install"]

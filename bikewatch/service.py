@@ -178,6 +178,11 @@ class Service:
         path = self.s.model
         started = time.monotonic()
         classifier = load_classifier(path, backend=self.backend)
+        if classifier.backend == "keras" and self.backend == "auto":
+            self.log.warning(
+                "model has no LiteRT form: running it through TensorFlow (about 700 MiB more, slower under W^X); "
+                f"`bikewatch convert {classifier.path}` adds it", model=classifier.identity,
+            )
         # Trace the graph before READY, and let oneDNN set up its kernels for a full batch too:
         # otherwise the first batch of the first dump pays for that (about 50 ms on 2 cores).
         for size in sorted({1, self.s.max_batch}):
