@@ -69,7 +69,9 @@ def configure_device(device: str) -> str:
     try:
         tf = require_tensorflow("setting 'device': 'gpu'")
     except TensorFlowMissing as exc:
-        raise ConfigError(f"{exc} (the GPU needs: pip install 'bikewatch[gpu]')") from exc
+        raise ConfigError(
+            "setting 'device': 'gpu' needs TensorFlow with CUDA, which is not installed: pip install 'bikewatch[gpu]'"
+        ) from exc
 
     gpus = tf.config.list_physical_devices("GPU")
     if device == "cpu":
