@@ -893,6 +893,14 @@ def render_table(r: dict[str, Any], args: argparse.Namespace) -> str:
                     "processes (decode workers, resource tracker), summed"))
     rows.append(Row("startup", "  start-up to READY=1", f"{r['startup_s']:8.2f} s",
                     f"spawn -> READY=1 on NOTIFY_SOCKET ({mode})"))
+    dec_ms = 1000 * d["cpu"]["bench_cpu_s"] / d["photos"]
+    inf_ms = 1000 * i["cpu"]["bench_cpu_s"] / i["photos"]
+    e2e_ms = 1000 * e["cpu"]["daemon_cpu_s"] / e["photos"]
+    r["cpu_per_photo_ms"] = {"decode": dec_ms, "inference": inf_ms, "end_to_end": e2e_ms}
+    rows.append(Row("cpu_per_photo", "  CPU per photo", f"{e2e_ms:8.2f} ms",
+                    f"the daemon and its workers in row 5; decode {dec_ms:.2f} + inference {inf_ms:.2f} ms (rows 2, "
+                    f"3): {e2e_ms - dec_ms - inf_ms:.2f} ms of the service's own work (less skewed by other procs "
+                    "than the rates)"))
     inst = r["install"]
     top = ", ".join(f"{k} {v / 1e6:.0f}" for k, v in list(inst["packages"].items())[:4])
     rows.append(Row("install", "8 runtime install", f"{inst['bytes'] / 1e6:8.1f} MB",

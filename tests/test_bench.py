@@ -21,7 +21,7 @@ def test_bench_prints_every_measurement(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     for row in ("1 naive baseline", "2 decode only", "3 inference only", "4 roofline", "5 end to end",
                 "end to end, steady state", "6 latency p50 / p99", "7 idle CPU", "memory idle / peak", "start-up to READY=1",
-                "decode limit", "8 runtime install", "end-to-end / naive", "end-to-end / decode limit",
+                "decode limit", "CPU per photo", "8 runtime install", "end-to-end / naive", "end-to-end / decode limit",
                 "end-to-end / roofline"):
         assert row in res.stdout, f"missing row {row!r} in:\n{res.stdout}"
     assert "decode only (" in res.stdout and "processes)" in res.stdout, res.stdout
