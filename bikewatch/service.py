@@ -65,6 +65,8 @@ def configure_device(device: str) -> str:
     from bikewatch.runtime import TensorFlowMissing, inference_threads, require_tensorflow, resolve_backend
 
     if resolve_backend(device) == "litert":
+        if device == "cpu":  # a model only Keras can run must not find the GPU either
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
         return f"cpu (LiteRT, {inference_threads()} threads)"
     try:
         tf = require_tensorflow("setting 'device': 'gpu'")
@@ -185,8 +187,8 @@ class Service:
                 "model has no LiteRT form: running it through TensorFlow (about 700 MiB more, slower under W^X); "
                 f"`bikewatch convert {classifier.path}` adds it", model=classifier.identity,
             )
-        # Trace the graph before READY, and let oneDNN set up its kernels for a full batch too:
-        # otherwise the first batch of the first dump pays for that (about 50 ms on 2 cores).
+        # Size LiteRT's tensors (or trace Keras's graph) for one photo and a full batch before READY:
+        # otherwise the first batch of the first dump pays for that.
         for size in sorted({1, self.s.max_batch}):
             classifier.predict(np.zeros((size, 64, 64, 3), dtype=np.float32))
         self._model_stat = self._stat_model()
