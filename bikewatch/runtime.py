@@ -22,6 +22,7 @@ import contextlib
 import glob
 import importlib.util
 import io
+import re
 import os
 import sys
 import tempfile
@@ -159,13 +160,23 @@ def convert_keras(keras_model: Any) -> bytes:
         return bytes(converter.convert())
 
 
+_BUILTIN_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
+"""LiteRT names built-in operators in upper snake case (CONV_2D); custom and Flex ones keep their own names."""
+
+
 def check_builtin_ops(interpreter: Any, where: str) -> None:
-    """Refuse custom and Flex (TensorFlow) operators: a model file runs LiteRT's own kernels only."""
+    """Refuse custom and Flex (TensorFlow) operators: a model file runs LiteRT's own kernels only.
+
+    Checked before tensors are allocated, so no operator of the file is prepared. A custom
+    operator that slipped past the name check would still find no kernel: no custom op
+    resolver is registered, and allocation fails ("unresolved custom op").
+    """
     try:
         ops = interpreter._get_ops_details()  # no public API lists a model's operators
     except AttributeError:
         return
-    foreign = sorted({op["op_name"] for op in ops if op["op_name"].startswith("Flex") or op["op_name"] == "CUSTOM"})
+    foreign = sorted({name for name in (str(op["op_name"]) for op in ops)
+                      if name in ("CUSTOM", "DELEGATE") or not _BUILTIN_NAME.fullmatch(name)})
     if foreign:
         raise ValueError(f"{where}: operators outside LiteRT's built-ins: {', '.join(foreign)}")
 
@@ -189,8 +200,11 @@ class LiteRTRunner:
         self.threads = threads or inference_threads()
         with native_output_captured((2,)):
             self._it = Interpreter(model_content=model, num_threads=self.threads)
-            self._it.allocate_tensors()  # XNNPACK says it is applied here, once
-        check_builtin_ops(self._it, where)
+            check_builtin_ops(self._it, where)
+            try:
+                self._it.allocate_tensors()  # XNNPACK says it is applied here, once
+            except RuntimeError as exc:  # e.g. an operator without a kernel
+                raise ValueError(str(exc)) from exc
         inputs, outputs = self._it.get_input_details(), self._it.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
             raise ValueError(f"{where}: model must have one input and one output, not {len(inputs)} and {len(outputs)}")

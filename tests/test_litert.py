@@ -198,3 +198,38 @@ def test_classify_under_wx_gives_the_same_probabilities(tmp_path: Path) -> None:
     here = predict_files(load_classifier(), [preprocess_file(p) for p in paths])
     got = np.array([[r["p_mountain"], r["p_road"]] for r in rows])
     assert np.allclose(got, here, atol=1e-6)
+
+
+def _custom_op_model() -> bytes:
+    """A LiteRT model of the right shapes whose middle operator (Igamma) is a custom op: no kernel of LiteRT's."""
+    import tensorflow as tf
+
+    from bikewatch.runtime import native_output_captured
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 64, 64, 3], tf.float32)])
+    def f(x: tf.Tensor) -> tf.Tensor:
+        m = tf.reshape(x[:, :2, :2, 0], [-1, 2, 2])
+        d = tf.math.igamma(tf.ones_like(m) + 1.0, tf.abs(m) + 1.0)
+        return tf.nn.softmax(tf.reshape(d, [-1, 4])[:, :2])
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()], f)
+    converter.allow_custom_ops = True
+    with native_output_captured():
+        return bytes(converter.convert())
+
+
+def test_a_model_with_operators_outside_litert_is_refused(tmp_path: Path) -> None:
+    lite_bytes = _custom_op_model()
+    bare = tmp_path / "custom.tflite"
+    bare.write_bytes(lite_bytes)
+    (tmp_path / "custom.tflite.contract.json").write_text(json.dumps(InputContract().to_json()))
+    with pytest.raises(ModelError, match="outside LiteRT's built-ins: Igamma"):
+        load_classifier(bare)
+    # The same flatbuffer inside an otherwise good .keras: refused too, not run through Keras instead.
+    hostile = tmp_path / "hostile.keras"
+    with zipfile.ZipFile(default_model_path()) as zin, zipfile.ZipFile(hostile, "w") as zout:
+        for item in zin.infolist():
+            data = lite_bytes if item.filename == TFLITE_ENTRY else zin.read(item.filename)
+            zout.writestr(item, data)
+    with pytest.raises(ModelError, match="Igamma"):
+        load_classifier(hostile)
