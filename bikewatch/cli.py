@@ -54,10 +54,35 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _needs_tensorflow(purpose: str) -> str | None:
+    """One line saying how to install TensorFlow when ``purpose`` needs it and it is missing."""
+    from bikewatch.runtime import TRAIN_EXTRA, tensorflow_installed
+
+    return None if tensorflow_installed() else f"{purpose} needs TensorFlow, which is not installed: {TRAIN_EXTRA}"
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from bikewatch.model import ModelError, convert_model, load_classifier
+
+    if (missing := _needs_tensorflow("convert")) is not None:
+        return _fail(missing)
+    if args.out is not None and args.out.suffix != ".keras":
+        return _fail(f"--out must end in .keras (got {args.out})")
+    try:
+        out = convert_model(args.model, args.out)
+        identity = load_classifier(out, backend="litert").identity
+    except ModelError as exc:
+        return _fail(str(exc))
+    print(f"wrote {out} ({identity}): Keras and LiteRT models in one file")
+    return EXIT_OK
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from bikewatch.model import ModelError, load_classifier
     from bikewatch.training import train_command
 
+    if (missing := _needs_tensorflow("train")) is not None:
+        return _fail(missing)
     if args.out.suffix != ".keras":
         return _fail(f"--out must end in .keras (got {args.out})")
     if args.log is not None and not args.log.is_file():
@@ -65,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     base = None
     if args.fine_tune:
         try:
-            base = load_classifier(None if args.fine_tune == "default" else args.fine_tune)
+            base = load_classifier(None if args.fine_tune == "default" else args.fine_tune, backend="keras")
         except ModelError as exc:
             return _fail(str(exc))
     try:
@@ -92,6 +117,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     try:
         if args.kfold:
+            if (missing := _needs_tensorflow("evaluate --kfold")) is not None:
+                return _fail(missing)
             if args.kfold < 2:
                 return _fail("--kfold needs at least 2 folds")
             result = kfold_command(args.data_dir, args.kfold, epochs=args.epochs, seed=args.seed)
@@ -224,7 +251,8 @@ def _add_log_source(p: argparse.ArgumentParser) -> None:
 
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
-                   help="model file (.keras, or the seed notebook's .h5); default: the embedded model")
+                   help="model file (.keras with its LiteRT form inside, a .tflite with NAME.tflite.contract.json, "
+                        "or the seed notebook's .h5, which needs TensorFlow); default: the embedded model")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", type=Path, metavar="CSV",
                    help="bikewatch's CSV log: also report accuracy on the photos people moved to the other "
                         "class folder (before and after, with --fine-tune); DATA_DIR is then usually OUTPUT")
+
+    p = add("convert", cmd_convert, "write a model's LiteRT form into it (what the service runs; needs TensorFlow)",
+            "bikewatch convert my-bikes.keras    # or: bikewatch convert seed-notebook.h5 --out seed.keras")
+    p.add_argument("model", type=Path, nargs="?", default=None,
+                   help="a .keras model or the seed notebook's .h5 (default: the embedded model, in place)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the .keras to write (default: MODEL itself, or NAME.keras beside an .h5)")
 
     p = add("evaluate", cmd_evaluate, "accuracy, confusion matrix, precision/recall and misses on class folders",
             "bikewatch evaluate ../shared/data/bikes/test")

@@ -5,10 +5,12 @@ channel order, value scale), so nothing downstream assumes how a model was
 trained: the daemon and every command call :meth:`Classifier.predict` with the
 preprocessor's RGB 0..255 arrays and get probabilities keyed by class name.
 
-Loading never runs code from a model file: ``.keras`` files load with
+Loading never runs code from a model file: the LiteRT flatbuffer inside a
+``.keras`` file (or a bare ``.tflite``) runs LiteRT's built-in operators only
+(:mod:`bikewatch.runtime`); ``.keras`` files load into Keras with
 ``safe_mode=True``; legacy ``.h5`` files (the seed notebook's) are not
 deserialised at all: the known architecture is built here and only the
-weights are read from the file.
+weights are read from the file. Only the Keras paths import TensorFlow.
 """
 
 from __future__ import annotations
@@ -146,13 +148,17 @@ def file_digest(path: str | os.PathLike[str]) -> str:
 class Classifier:
     """A loaded model plus its contract; ``predict`` is the only thing callers need."""
 
-    def __init__(self, keras_model: Any, contract: InputContract, *, path: Path, identity: str) -> None:
-        self.keras_model = keras_model
+    def __init__(
+        self, keras_model: Any, contract: InputContract, *, path: Path, identity: str,
+        runner: Callable[[np.ndarray], Any] | None = None, backend: str = "keras",
+    ) -> None:
+        self.keras_model = keras_model  # None under LiteRT: only training and `convert` need it
         self.contract = contract
         self.path = path
         self.identity = identity
+        self.backend = backend  # "litert" or "keras": what runs predict()
         self._order = [contract.classes.index(name) for name in CLASSES]
-        self._call = _compiled_call(keras_model)
+        self._call = runner if runner is not None else _compiled_call(keras_model)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities, shape (N, 2), columns in :data:`CLASSES` order (mountain, road)."""
@@ -174,7 +180,9 @@ def _compiled_call(keras_model: Any) -> Callable[[np.ndarray], Any]:
     and conversion on every call: 1.2 ms instead of 1.9 ms for a batch of one, most of it
     Python that holds the GIL the service's other threads need.
     """
-    import tensorflow as tf
+    from bikewatch.runtime import require_tensorflow
+
+    tf = require_tensorflow("running a Keras model")
 
     # autograph=False: the body has no Python control flow to convert, and autograph would leave
     # an __autograph_generated_file*.py in the temp folder at every start of the service.
@@ -191,8 +199,18 @@ def model_identity(path: Path, digest: str) -> str:
     return f"{path.stem}@{digest[:12]}"
 
 
-def load_classifier(path: str | os.PathLike[str] | None = None) -> Classifier:
-    """Load a model file safely, or the embedded default when ``path`` is None."""
+BackendChoice = Literal["auto", "litert", "keras"]
+
+
+def load_classifier(path: str | os.PathLike[str] | None = None, backend: BackendChoice = "auto") -> Classifier:
+    """Load a model file safely, or the embedded default when ``path`` is None.
+
+    ``auto`` runs the file's LiteRT model when it has one (no TensorFlow imported), else Keras
+    where TensorFlow is installed; ``litert`` insists on LiteRT; ``keras`` (GPU, training,
+    ``convert``) loads the Keras layers.
+    """
+    from bikewatch.runtime import TensorFlowMissing, read_tflite, tensorflow_installed
+
     model_path = Path(path) if path is not None else default_model_path()
     if not model_path.exists():
         raise ModelError(f"model file not found: {model_path}")
@@ -204,14 +222,52 @@ def load_classifier(path: str | os.PathLike[str] | None = None) -> Classifier:
         raise ModelError(f"cannot read model file {model_path}: {exc.strerror or exc}") from exc
     with open(model_path, "rb") as fh:
         magic = fh.read(8)
-    if magic.startswith(b"PK"):
-        keras_model, contract = _load_keras(model_path)
-    elif magic.startswith(b"\x89HDF"):
-        keras_model, contract = _load_legacy_h5(model_path)
-    else:
-        raise ModelError(f"{model_path} is neither a .keras model nor a legacy .h5 weights file")
+    identity = model_identity(model_path, digest)
+    is_zip, is_h5 = magic.startswith(b"PK"), magic.startswith(b"\x89HDF")
+    lite = None if is_h5 else _read_tflite(model_path, read_tflite)
+    if lite is None and not (is_zip or is_h5):
+        raise ModelError(f"{model_path} is neither a .keras model nor a legacy .h5 weights file (nor a LiteRT .tflite)")
+    if backend != "keras" and lite is not None:
+        return _litert_classifier(model_path, lite, identity)
+    if backend == "litert" or (backend == "auto" and not tensorflow_installed()):  # lite is None here
+        kind = "legacy .h5 weights" if is_h5 else "a .keras model without a LiteRT model inside"
+        raise ModelError(
+            f"{model_path} is {kind}; LiteRT cannot run it: convert it once with "
+            f"`bikewatch convert {model_path}` (needs TensorFlow: pip install 'bikewatch[train]')"
+        )
+    if not (is_zip or is_h5):
+        raise ModelError(f"{model_path} is a LiteRT .tflite model: it runs on the CPU only (device = \"cpu\")")
+    try:
+        keras_model, contract = _load_keras(model_path) if is_zip else _load_legacy_h5(model_path)
+    except TensorFlowMissing as exc:
+        raise ModelError(str(exc)) from exc
     _check_shapes(keras_model, model_path)
-    return Classifier(keras_model, contract, path=model_path, identity=model_identity(model_path, digest))
+    return Classifier(keras_model, contract, path=model_path, identity=identity)
+
+
+def _read_tflite(path: Path, read: Callable[[Path], bytes | None]) -> bytes | None:
+    try:
+        return read(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"cannot read model file {path}: {exc}") from exc
+
+
+def _litert_classifier(path: Path, lite: bytes, identity: str) -> Classifier:
+    """A classifier that runs the LiteRT flatbuffer; the contract comes from the same file."""
+    from bikewatch.runtime import LiteRTRunner
+
+    contract = read_contract(path)
+    if contract is None:
+        raise ModelError(
+            f"{path} has no bikewatch input contract; add {path.name}.contract.json "
+            '(e.g. {"classes": ["mountain", "road"], "channel_order": "RGB", "scale": "0..255"})'
+        )
+    try:
+        runner = LiteRTRunner(lite, size=contract.size, where=str(path))
+    except ValueError as exc:  # LiteRT raises ValueError for a malformed flatbuffer or unknown op
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(first if first.startswith(f"{path}: ") else f"cannot load {path} with LiteRT: {first}") from exc
+    return Classifier(None, contract, path=path, identity=identity, runner=runner, backend="litert")
 
 
 def read_contract(path: Path) -> InputContract | None:
@@ -232,6 +288,9 @@ def read_contract(path: Path) -> InputContract | None:
 
 
 def _load_keras(path: Path) -> tuple[Any, InputContract]:
+    from bikewatch.runtime import require_tensorflow
+
+    require_tensorflow(f"loading {path.name} into Keras")
     import keras
 
     try:
@@ -253,6 +312,9 @@ def _load_keras(path: Path) -> tuple[Any, InputContract]:
 
 def _load_legacy_h5(path: Path) -> tuple[Any, InputContract]:
     """The seed notebook's HDF5 file: same architecture, weights only, BGR 0..255."""
+    from bikewatch.runtime import require_tensorflow
+
+    require_tensorflow(f"reading the legacy weights {path.name}")
     contract = read_contract(path) or SEED_CONTRACT
     model = build_cnn(rescale=False)  # the notebook scaled nothing; the contract says so
     try:
@@ -283,19 +345,40 @@ def _inference_copy(model: Any) -> Any:
 
 
 def save_model(model: Any, path: str | os.PathLike[str], contract: InputContract) -> Path:
-    """Write a ``.keras`` file with its contract inside, atomically (tmp + rename)."""
+    """Write a ``.keras`` file with its contract and its LiteRT form inside, atomically (tmp + rename).
+
+    The service runs the LiteRT entry (:data:`bikewatch.runtime.TFLITE_ENTRY`) without TensorFlow;
+    Keras (training, the GPU) reads the rest of the same file.
+    """
+    from bikewatch.runtime import TFLITE_ENTRY, convert_keras
+
     target = Path(path)
     if target.suffix != ".keras":
         raise ModelError(f"models are saved as .keras files, not {target.name}")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}.keras")
-    _inference_copy(model).save(tmp)
+    clean = _inference_copy(model)
+    lite = convert_keras(clean)
+    clean.save(tmp)
     with zipfile.ZipFile(tmp, "a") as zf:
         zf.writestr(CONTRACT_ENTRY, json.dumps(contract.to_json(), indent=2))
+        zf.writestr(TFLITE_ENTRY, lite)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, target)
     return target
+
+
+def convert_model(source: str | os.PathLike[str] | None, out: str | os.PathLike[str] | None = None) -> Path:
+    """Rewrite a model (``.keras`` or the seed's ``.h5``) as a ``.keras`` with its LiteRT form inside.
+
+    ``bikewatch convert MODEL``; without ``out`` a ``.keras`` is rewritten in place and an ``.h5``
+    goes beside it as ``NAME.keras``. Same weights, same contract; needs TensorFlow.
+    """
+    src = Path(source) if source is not None else default_model_path()
+    target = Path(out) if out is not None else src.with_suffix(".keras")
+    classifier = load_classifier(src, backend="keras")
+    return save_model(classifier.keras_model, target, classifier.contract)
 
 
 def predict_files(classifier: Classifier, arrays: Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:

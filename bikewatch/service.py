@@ -38,11 +38,11 @@ from bikewatch.journal import (
 from bikewatch.ledger import Ledger
 from bikewatch.metrics import Metrics
 from bikewatch.logs import configure, get_logger, native_stderr_as_debug
-from bikewatch.model import CLASSES, Classifier, ModelError, load_classifier
+from bikewatch.model import CLASSES, BackendChoice, Classifier, ModelError, load_classifier
 from bikewatch.readahead import QUIET_SECONDS, ReadAhead, Usable
 from bikewatch.signals import SignalRelay
 from bikewatch.status import identity
-from bikewatch.systemd import Notifier, adapt_tensorflow_to_wx, format_status
+from bikewatch.systemd import Notifier, format_status
 from bikewatch.watching import (
     Hints, InboxWatcher, Readiness, Seen, is_ignored, mount_fstype, needs_polling, observe, scan,
 )
@@ -61,8 +61,20 @@ def utc_now() -> str:
 
 
 def configure_device(device: str) -> str:
-    """CPU or GPU as asked; on a GPU, memory growth so the service does not grab the whole card."""
-    import tensorflow as tf
+    """CPU (LiteRT, no TensorFlow) or GPU (TensorFlow) as asked; on a GPU, memory growth so the
+    service does not grab the whole card."""
+    from bikewatch.runtime import TensorFlowMissing, inference_threads, require_tensorflow, resolve_backend
+
+    if resolve_backend(device) == "litert":
+        if device == "cpu":  # a model only Keras can run must not find the GPU either
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        return f"cpu (LiteRT, {inference_threads()} threads)"
+    try:
+        tf = require_tensorflow("setting 'device': 'gpu'")
+    except TensorFlowMissing as exc:
+        raise ConfigError(
+            "setting 'device': 'gpu' needs TensorFlow with CUDA, which is not installed: pip install 'bikewatch[gpu]'"
+        ) from exc
 
     gpus = tf.config.list_physical_devices("GPU")
     if device == "cpu":
@@ -171,14 +183,19 @@ class Service:
     def _load_model(self) -> Classifier:
         path = self.s.model
         started = time.monotonic()
-        classifier = load_classifier(path)
-        # Trace the graph before READY, and let oneDNN set up its kernels for a full batch too:
-        # otherwise the first batch of the first dump pays for that (about 50 ms on 2 cores).
+        classifier = load_classifier(path, backend=self.backend)
+        if classifier.backend == "keras" and self.backend == "auto":
+            self.log.warning(
+                "model has no LiteRT form: running it through TensorFlow (about 700 MiB more, slower under W^X); "
+                f"`bikewatch convert {classifier.path}` adds it", model=classifier.identity,
+            )
+        # Size LiteRT's tensors (or trace Keras's graph) for one photo and a full batch before READY:
+        # otherwise the first batch of the first dump pays for that.
         for size in sorted({1, self.s.max_batch}):
             classifier.predict(np.zeros((size, 64, 64, 3), dtype=np.float32))
         self._model_stat = self._stat_model()
         self.log.info(
-            "model loaded", model=classifier.identity, path=str(classifier.path),
+            "model loaded", model=classifier.identity, path=str(classifier.path), backend=classifier.backend,
             contract=classifier.contract.to_json(), ms=round((time.monotonic() - started) * 1000),
         )
         return classifier
@@ -277,6 +294,7 @@ class Service:
         self.notifier.extend_timeout(120)
         with native_stderr_as_debug("tensorflow start-up"):  # absl's lines, not errors of ours
             device = configure_device(self.s.device)
+        self.backend: BackendChoice = "auto" if device.startswith("cpu") else "keras"
         self.log.info("device", device=device)
         try:
             self.classifier = self._load_model()
@@ -793,9 +811,7 @@ def run_service(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"bikewatch: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    configure(settings.log_format, settings.log_level)
-    if adapt_tensorflow_to_wx():  # before TensorFlow is imported
-        get_logger().info("W^X memory policy detected: oneDNN JIT off (TF_ENABLE_ONEDNN_OPTS=0)")
+    configure(settings.log_format, settings.log_level)  # W^X and TensorFlow: runtime.require_tensorflow
     notifier = Notifier.from_environ()
     try:
         return Service(settings, notifier).run()

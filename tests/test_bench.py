@@ -20,8 +20,9 @@ def test_bench_prints_every_measurement(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stdout + res.stderr
     for row in ("1 naive baseline", "2 decode only", "3 inference only", "4 roofline", "5 end to end",
-                "end to end, steady state", "6 latency p50 / p99", "7 idle CPU", "memory idle / under load", "start-up to READY=1",
-                "end-to-end / naive", "end-to-end / roofline"):
+                "end to end, steady state", "6 latency p50 / p99", "7 idle CPU", "memory idle / peak", "start-up to READY=1",
+                "decode limit", "CPU per photo", "8 runtime install", "end-to-end / naive", "end-to-end / decode limit",
+                "end-to-end / roofline"):
         assert row in res.stdout, f"missing row {row!r} in:\n{res.stdout}"
     assert "decode only (" in res.stdout and "processes)" in res.stdout, res.stdout
     figures = json.loads(out.read_text())
@@ -36,3 +37,13 @@ def test_bench_prints_every_measurement(tmp_path: Path) -> None:
     runs = figures["end_to_end"]["runs"]
     assert len(runs) == 2 and figures["end_to_end"]["rate"] == max(runs)
     assert "best of 2 runs" in res.stdout, res.stdout
+    # The deployed daemon runs under W^X where the kernel has PR_SET_MDWE; the unrestricted one beside it.
+    if "wx_unavailable" in figures:
+        assert figures["modes"] == ["open"] and "W^X could not be imposed" in res.stdout
+    else:
+        assert figures["mode"] == "wx" and "5 end to end, W^X" in res.stdout
+        assert len(figures["unrestricted"]["end_to_end"]["runs"]) == 2 and "end to end, unrestricted" in res.stdout
+    assert figures["inference_runtime"].startswith("litert")  # what the service runs, not TensorFlow
+    # Memory is the daemon plus its decode workers; the install counts bikewatch and its runtime deps only.
+    assert figures["end_to_end"]["hwm_kib"] > 0 and figures["end_to_end"]["processes"] >= 2
+    assert "bikewatch" in figures["install"]["packages"] and "tensorflow" not in figures["install"]["packages"]

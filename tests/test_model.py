@@ -252,11 +252,15 @@ def test_save_model_and_load_classifier_round_trip(tmp_path: Path) -> None:
     assert loaded.contract == contract
     assert loaded.path == path
     assert loaded.identity.startswith("m@") and len(loaded.identity) == len("m@") + 12
-    assert layer_list(loaded.keras_model) == layer_list(model)
+    assert loaded.backend == "litert" and loaded.keras_model is None  # the service's runtime, no TensorFlow
+    in_keras = load_classifier(path, backend="keras")
+    assert in_keras.identity == loaded.identity and in_keras.contract == contract
+    assert layer_list(in_keras.keras_model) == layer_list(model)
 
     x = random_batch(5)
     raw = np.asarray(model(contract.adapt(x), training=False))
     assert np.allclose(loaded.predict(x), raw[:, ::-1], atol=1e-5)
+    assert np.allclose(in_keras.predict(x), raw[:, ::-1], atol=1e-5)
 
 
 def test_save_model_wants_a_keras_suffix(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ def _flipped_model(src: Path, dst: Path) -> None:
     """Same architecture, last layer's columns swapped: a different model with a different digest."""
     from bikewatch.model import InputContract, load_classifier, save_model
 
-    keras_model = load_classifier(src).keras_model
+    keras_model = load_classifier(src, backend="keras").keras_model
     weights = keras_model.get_weights()
     weights[-2] = weights[-2][:, ::-1].copy()
     weights[-1] = weights[-1][::-1].copy()

@@ -107,7 +107,7 @@ def test_security_exposure_with_gpu_dropin_at_most_2(tmp_path: Path) -> None:
 
 
 def test_unit_keeps_tensorflow_compatible_settings() -> None:
-    """W^X is only safe for TF with oneDNN's JIT rewrite off (measured; docs/systemd.md)."""
+    """W^X stays on; LiteRT needs no TF_ENABLE_ONEDNN_OPTS=0 (the daemon sets it itself if TF is loaded)."""
     text = UNIT.read_text()
     settings = dict(
         (k.strip(), v.strip())
@@ -120,6 +120,9 @@ def test_unit_keeps_tensorflow_compatible_settings() -> None:
         "WatchdogSec": "60",
         "MemoryDenyWriteExecute": "yes",
     }
-    assert "Environment=TF_ENABLE_ONEDNN_OPTS=0" in text
+    assert "TF_ENABLE_ONEDNN_OPTS" not in "".join(line for line in text.splitlines() if not line.startswith("#"))
+    memory_max = re.search(r"^MemoryMax=(\d+)([MG])$", text, re.MULTILINE)
+    assert memory_max, "MemoryMax= must be set (a decompression bomb must not take the host down)"
+    assert int(memory_max.group(1)) * {"M": 1, "G": 1024}[memory_max.group(2)] <= 1024, "LiteRT needs < 1 GiB"
     assert re.search(r"^SystemCallFilter=mbind$", text, re.MULTILINE), "numpy's OpenBLAS needs mbind"
     assert re.search(r"^SystemCallFilter=setpriority$", text, re.MULTILINE), "decode workers lower their priority"
