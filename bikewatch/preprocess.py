@@ -111,6 +111,8 @@ def _to_array(image: Image.Image) -> np.ndarray:
         # DCT-domain downscaling: a 1000x600 JPEG decodes at 125x75, 1/64 of the work.
         # draft() keeps the result at least SIZE on each side, so quality is unchanged.
         image.draft("RGB" if image.mode not in ("L", "CMYK") else image.mode, (SIZE, SIZE))
+    elif image.format == "HEIF":  # pillow-heif: its embedded thumbnail, when that is a scaled copy of the image
+        image.draft(None, (SIZE, SIZE))
     image.seek(0)  # animated formats: the first frame
     image.load()
     oriented = ImageOps.exif_transpose(image) or image

@@ -18,6 +18,7 @@ Everything here is pure: bytes in, a verdict out. Reading the file is the caller
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from PIL import ExifTags, Image
@@ -110,10 +111,12 @@ class Preview:
 def embedded(exif: bytes) -> tuple[bytes, int] | str:
     """The IFD1 preview's bytes and IFD0's orientation, or why there is none."""
     try:
-        info = Image.Exif()
-        info.load(exif)
-        orientation = info.get(ExifTags.Base.Orientation, 1)
-        ifd1 = info.get_ifd(ExifTags.IFD.IFD1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Corrupt EXIF data": the reason below says it
+            info = Image.Exif()
+            info.load(exif)
+            orientation = info.get(ExifTags.Base.Orientation, 1)
+            ifd1 = info.get_ifd(ExifTags.IFD.IFD1)
     except Exception as exc:  # noqa: BLE001 - any malformed EXIF: no preview, decode the image
         return f"unreadable EXIF ({type(exc).__name__})"
     offset = ifd1.get(ExifTags.Base.JpegIFOffset)
