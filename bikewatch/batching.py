@@ -118,7 +118,7 @@ def from_preview(fd: int, st: os.stat_result, key: str, *, max_pixels: int,
     Only a preview :func:`bikewatch.previews.check` trusts is used, and only in a file that
     ends as a whole JPEG does (an EOI marker): a copy cut short is decoded in full, and
     rejected as it always was. The bytes past the head are never read, so there is no
-    sha256 of the file: the row's ``sha256`` stays empty (see the README, "Camera photos").
+    sha256 of the file: the row's ``sha256`` stays empty (README: "Formats, and camera photos' embedded previews").
     """
     head = os.pread(fd, min(st.st_size, _previews.HEAD_BYTES), 0)
     if not _previews.is_jpeg(head):
@@ -130,7 +130,10 @@ def from_preview(fd: int, st: os.stat_result, key: str, *, max_pixels: int,
         except _previews.NeedMore as more:
             if more.upto > min(st.st_size, _previews.MAX_HEAD_BYTES) or len(head) >= st.st_size:
                 return None
-            head += os.pread(fd, max(more.upto, 2 * len(head)) - len(head), len(head))
+            more_bytes = os.pread(fd, max(more.upto, 2 * len(head)) - len(head), len(head))
+            if not more_bytes:
+                return None  # shorter than it was a moment ago: the full read sorts that out
+            head += more_bytes
     if isinstance(found, str) or os.pread(fd, 2, st.st_size - 2) != b"\xff\xd9":
         return None
     try:

@@ -69,10 +69,13 @@ def exif_with_preview(preview: bytes | None, orientation: int = 1) -> bytes:
 
 
 def camera_jpeg(stored: Image.Image, *, orientation: int = 1, preview: bytes | Image.Image | None = None,
-                quality: int = 90, preview_quality: int = 85) -> bytes:
-    """``stored`` as a JPEG carrying ``preview`` in IFD1 (default: made from ``stored``) and ``orientation``."""
+                quality: int = 90, preview_quality: int = 85, **params: object) -> bytes:
+    """``stored`` as a JPEG carrying ``preview`` in IFD1 (default: made from ``stored``) and ``orientation``.
+
+    ``params`` go to Pillow's JPEG writer (``icc_profile=...``, for instance).
+    """
     if preview is None:
         preview = preview_image(stored)
     if isinstance(preview, Image.Image):
         preview = jpeg_bytes(preview, preview_quality)
-    return jpeg_bytes(stored, quality, exif=exif_with_preview(preview, orientation))
+    return jpeg_bytes(stored, quality, exif=exif_with_preview(preview, orientation), **params)

@@ -165,6 +165,7 @@ def test_only_the_head_of_the_file_is_read(tmp_path: Path) -> None:
         with open("/proc/self/io") as fh:
             return next(int(line.split()[1]) for line in fh if line.startswith("rchar:"))
 
+    prepare(p, "k", max_pixels=MAX, previews=True)  # once first: the imports it needs read files too
     before = read_bytes()
     got = prepare(p, "k", max_pixels=MAX, previews=True)
     head_only = read_bytes() - before
@@ -173,6 +174,16 @@ def test_only_the_head_of_the_file_is_read(tmp_path: Path) -> None:
     whole = read_bytes() - before
     assert got.decoded_from == DECODED_PREVIEW
     assert head_only < previews.HEAD_BYTES + 8192 < size <= whole
+
+
+def test_headers_longer_than_the_first_read_are_read_on(tmp_path: Path) -> None:
+    """A big ICC profile puts the frame header past the first 64 KB: read on, up to previews.MAX_HEAD_BYTES."""
+    img = scene()
+    long_headers = write(tmp_path / "icc.jpg", camera_jpeg(img, icc_profile=bytes(200_000)))
+    assert prepare(long_headers, "k", max_pixels=MAX, previews=True).decoded_from == DECODED_PREVIEW
+    too_long = write(tmp_path / "huge.jpg", camera_jpeg(scene((3200, 2400)), icc_profile=bytes(1_200_000)))
+    got = prepare(too_long, "k", max_pixels=MAX, previews=True)
+    assert got.decoded_from == DECODED_FULL and got.error == ""
 
 
 def test_a_read_ahead_from_the_preview_vouches_for_the_file(tmp_path: Path) -> None:
