@@ -356,3 +356,16 @@ def test_the_service_says_which_source_each_row_came_from(tmp_path: Path, on: bo
     }
     assert "truncated" in rows["cut.jpg"]["error"]
     assert sorted(p.name for p in files_under(d.output) if p.suffix != ".csv") == sorted(rows)
+
+
+
+def test_the_previews_setting_is_a_documented_boolean() -> None:
+    from bikewatch.config import ConfigError, Settings, coerce
+
+    assert Settings().previews is True
+    assert coerce("previews", "off", "BIKEWATCH_PREVIEWS") is False
+    assert coerce("previews", True, "config") is True
+    with pytest.raises(ConfigError, match="previews"):
+        coerce("previews", "sometimes", "config")
+    toml = (Path(__file__).resolve().parent.parent / "config" / "bikewatch.toml").read_text()
+    assert "\npreviews = true\n" in toml
