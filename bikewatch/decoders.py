@@ -82,7 +82,8 @@ def pack(p: Prepared) -> Packed:
 
 
 def unpack(packed: Packed) -> Prepared:
-    key, pixels, sha256, size, mtime_ns, error, signature, decoded_from = packed
+    key, pixels, sha256, size, mtime_ns, error, signature, *rest = packed
+    decoded_from = rest[0] if rest else ""  # a job of the older, shorter shape says nothing of it
     array = None if pixels is None else np.frombuffer(pixels, np.uint8).reshape(SIZE, SIZE, 3).astype(np.float32)
     return Prepared(key, array, sha256, size, mtime_ns, error, signature, decoded_from)
 

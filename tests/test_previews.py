@@ -219,6 +219,15 @@ def test_the_decode_workers_report_the_source_and_survive_hostile_headers(tmp_pa
     assert b.decoded_from in (DECODED_FULL, "") and (b.array is not None or b.error)
 
 
+def test_pack_and_unpack_keep_the_source(tmp_path: Path) -> None:
+    from bikewatch.decoders import pack, unpack
+
+    p = prepare(write(tmp_path / "a.jpg", camera_jpeg(scene())), "a", max_pixels=MAX, previews=True)
+    q = unpack(pack(p))
+    assert p.decoded_from == q.decoded_from == DECODED_PREVIEW
+    assert q.array is not None and p.array is not None and np.array_equal(q.array, p.array)
+
+
 def test_same_shape_allows_rounding_only() -> None:
     assert previews.same_shape((160, 120), (4000, 3000))
     assert previews.same_shape((160, 120), (4032, 3024))
