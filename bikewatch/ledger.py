@@ -88,8 +88,13 @@ class Ledger:
         spreadsheets would refuse or misalign. Start a new file to get the new column.
         """
         key = (st.st_dev, st.st_ino)
-        if self._columns is None or self._columns[0] != key:
-            cols = header_columns(os.pread(fd, 1 << 16, 0))
+        if st.st_size == 0:
+            self._columns = (key, COLUMNS)  # the header about to be written
+        elif self._columns is None or self._columns[0] != key:
+            try:
+                cols = header_columns(os.pread(fd, 1 << 16, 0))
+            except OSError:  # opened write-only (see append): assume the current columns
+                cols = COLUMNS
             self._columns = (key, cols if "id" in cols else COLUMNS)
         return self._columns[1]
 
@@ -97,12 +102,15 @@ class Ledger:
         if not rows:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)  # read: its header
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)  # read: its header
+        except PermissionError:  # a log we may append to but not read
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             st = os.fstat(fd)
             size = st.st_size
-            data = render(rows, header=size == 0, columns=COLUMNS if size == 0 else self._columns_of(fd, st))
+            data = render(rows, header=size == 0, columns=self._columns_of(fd, st))
             written = os.write(fd, data)
             if written != len(data):  # a short write on a full disk: undo our partial line
                 os.ftruncate(fd, size)
