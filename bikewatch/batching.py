@@ -19,7 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from bikewatch.preprocess import SIZE, PreprocessError, preprocess_bytes
+from bikewatch import previews as _previews
+from bikewatch.preprocess import SIZE, PreprocessError, preprocess_bytes, preprocess_preview
 from bikewatch.watching import Signature, stat_signature
 
 MAX_FILE_BYTES = 512 * 1024 * 1024
@@ -68,6 +69,12 @@ class Prepared:
     # (size, mtime_ns, ctime_ns, inode) when the bytes read are known to be the file's whole content
     # as long as a later lstat shows the same four values; None when that cannot be vouched for.
     signature: Signature | None = None
+    # "preview" (the embedded EXIF preview, only the file's head read, no sha256), "full", or "" (not decoded)
+    decoded_from: str = ""
+
+
+DECODED_PREVIEW = "preview"
+DECODED_FULL = "full"
 
 
 def digest_file(path: str | Path) -> str:
@@ -104,11 +111,47 @@ def signature_of(before: os.stat_result, after: os.stat_result, read_began_ns: i
     return sig
 
 
-def prepare(path: str | Path, key: str, *, max_pixels: int, vouch: bool = False) -> Prepared:
+def from_preview(fd: int, st: os.stat_result, key: str, *, max_pixels: int,
+                 began_ns: int | None) -> Prepared | None:
+    """Classify from the JPEG's embedded preview, reading only the file's head; None: decode it all.
+
+    Only a preview :func:`bikewatch.previews.check` trusts is used, and only in a file that
+    ends as a whole JPEG does (an EOI marker): a copy cut short is decoded in full, and
+    rejected as it always was. The bytes past the head are never read, so there is no
+    sha256 of the file: the row's ``sha256`` stays empty (README: "Formats, and camera photos' embedded previews").
+    """
+    head = os.pread(fd, min(st.st_size, _previews.HEAD_BYTES), 0)
+    if not _previews.is_jpeg(head):
+        return None
+    while True:
+        try:
+            found = _previews.preview_of(head, max_pixels=max_pixels)
+            break
+        except _previews.NeedMore as more:
+            if more.upto > min(st.st_size, _previews.MAX_HEAD_BYTES) or len(head) >= st.st_size:
+                return None
+            more_bytes = os.pread(fd, max(more.upto, 2 * len(head)) - len(head), len(head))
+            if not more_bytes:
+                return None  # shorter than it was a moment ago: the full read sorts that out
+            head += more_bytes
+    if isinstance(found, str) or os.pread(fd, 2, st.st_size - 2) != b"\xff\xd9":
+        return None
+    try:
+        array = preprocess_preview(found.data, found.orientation)
+    except PreprocessError:
+        return None  # a preview that does not decode says nothing about the image: decode that
+    sig = signature_of(st, os.fstat(fd), began_ns) if began_ns is not None else None
+    return Prepared(key, array, "", st.st_size, st.st_mtime_ns, signature=sig, decoded_from=DECODED_PREVIEW)
+
+
+def prepare(path: str | Path, key: str, *, max_pixels: int, vouch: bool = False,
+            previews: bool = False) -> Prepared:
     """Read a claimed file once: hash and preprocess the same bytes. Never follows links.
 
     With ``vouch`` (a read ahead of the claim), the result carries the signature the read
-    vouches for (see :func:`signature_of`); a claimed file needs none.
+    vouches for (see :func:`signature_of`); a claimed file needs none. With ``previews``,
+    a camera JPEG larger than its head is classified from its embedded preview where one
+    can be trusted (:func:`from_preview`).
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -128,6 +171,13 @@ def prepare(path: str | Path, key: str, *, max_pixels: int, vouch: bool = False)
         if st.st_size > MAX_FILE_BYTES:
             return Prepared(key, None, digest_file(path), st.st_size, st.st_mtime_ns,
                             f"file too large ({st.st_size} bytes)")
+        if previews and st.st_size > _previews.HEAD_BYTES:
+            try:
+                quick = from_preview(fd, st, key, max_pixels=max_pixels, began_ns=began_ns if vouch else None)
+            except Exception:  # noqa: BLE001 - whatever a malformed header trips: the full decode decides
+                quick = None
+            if quick is not None:
+                return quick
         with os.fdopen(fd, "rb", closefd=False) as fh:
             data = fh.read()
         sig = signature_of(st, os.fstat(fd), began_ns) if vouch and len(data) == st.st_size else None
@@ -140,7 +190,7 @@ def prepare(path: str | Path, key: str, *, max_pixels: int, vouch: bool = False)
         array = preprocess_bytes(data, max_pixels=max_pixels)
     except PreprocessError as exc:
         return Prepared(key, None, digest, len(data), st.st_mtime_ns, exc.reason, sig)
-    return Prepared(key, array, digest, len(data), st.st_mtime_ns, signature=sig)
+    return Prepared(key, array, digest, len(data), st.st_mtime_ns, signature=sig, decoded_from=DECODED_FULL)
 
 
 def decide(p_mountain: float, p_road: float, unsure_below: float) -> str:

@@ -102,6 +102,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wx", choices=("both", "on", "off"), default="both",
                    help="daemon memory policy: 'on' W^X as deployed (MemoryDenyWriteExecute=yes), 'off' "
                         "unrestricted, 'both' (default) W^X with the unrestricted end-to-end figures beside it")
+    p.add_argument("--camera", type=int, nargs="?", const=300, default=None, metavar="N",
+                   help="instead: a camera dump of N 4000x3000 JPEGs with embedded previews (default 300), "
+                        "end to end against the full-image decode limit (bikewatch.camerabench)")
 
 
 # ----- small helpers -------------------------------------------------------------------------
@@ -615,6 +618,10 @@ class Row:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if getattr(args, "camera", None) is not None:
+        from bikewatch.camerabench import run_camera
+
+        return run_camera(args)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from bikewatch.config import ConfigError, Settings, coerce
 

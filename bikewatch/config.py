@@ -56,6 +56,7 @@ class Settings:
     metrics_port: int = 0  # 0 = off
     metrics_address: str = "127.0.0.1"
     watch_model: bool = True
+    previews: bool = True  # classify camera JPEGs from their embedded EXIF preview when it can be trusted
 
     @property
     def log_path(self) -> Path:
@@ -75,7 +76,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "log_format": ("auto", "json", "console"),
     "log_level": ("debug", "info", "warning", "error"),
 }
-_BOOLS = {"watch_model"}
+_BOOLS = {"watch_model", "previews"}
 _POSITIVE = {"settle_seconds", "max_batch", "rescan_seconds", "poll_interval_seconds", "max_pixels", "retry_max_seconds"}
 _NON_NEGATIVE = {"closed_settle_seconds", "max_wait_ms", "decode_workers", "read_ahead", "unsure_below", "metrics_port"}
 

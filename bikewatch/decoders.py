@@ -64,6 +64,7 @@ class Task:
     key: str
     max_pixels: int
     vouch: bool
+    previews: bool = False  # classify camera JPEGs from their embedded preview (see bikewatch.previews)
 
 
 Packed = tuple[Any, ...]
@@ -77,18 +78,19 @@ def pack(p: Prepared) -> Packed:
     so uint8 carries it exactly.
     """
     pixels = None if p.array is None else p.array.astype(np.uint8).tobytes()
-    return (p.key, pixels, p.sha256, p.size, p.mtime_ns, p.error, p.signature)
+    return (p.key, pixels, p.sha256, p.size, p.mtime_ns, p.error, p.signature, p.decoded_from)
 
 
 def unpack(packed: Packed) -> Prepared:
-    key, pixels, sha256, size, mtime_ns, error, signature = packed
+    key, pixels, sha256, size, mtime_ns, error, signature, *rest = packed
+    decoded_from = rest[0] if rest else ""  # a job of the older, shorter shape says nothing of it
     array = None if pixels is None else np.frombuffer(pixels, np.uint8).reshape(SIZE, SIZE, 3).astype(np.float32)
-    return Prepared(key, array, sha256, size, mtime_ns, error, signature)
+    return Prepared(key, array, sha256, size, mtime_ns, error, signature, decoded_from)
 
 
 def prepare_task(task: Task) -> Packed:
     """What a worker does with one file (the default job)."""
-    return pack(prepare(task.path, task.key, max_pixels=task.max_pixels, vouch=task.vouch))
+    return pack(prepare(task.path, task.key, max_pixels=task.max_pixels, vouch=task.vouch, previews=task.previews))
 
 
 Job = Callable[[Task], Packed]
@@ -223,7 +225,7 @@ class DecodePool:
     def __init__(self, workers: int, *, job: Job = prepare_task, name: str = "decode",
                  timeout: float = TIMEOUT_SECONDS,
                  on_crash: Callable[[Task, str], None] = lambda task, reason: None,
-                 on_restart: Callable[[str], None] = lambda reason: None) -> None:
+                 on_restart: Callable[[str], None] = lambda reason: None, previews: bool = False) -> None:
         # Never fork: the service runs TensorFlow's threads. Spawned workers import only
         # bikewatch's light modules (TensorFlow is imported lazily, by the model).
         self._ctx = multiprocessing.get_context("spawn")
@@ -232,6 +234,7 @@ class DecodePool:
         self._on_crash = on_crash  # a file was blamed (it will be rejected)
         self._on_restart = on_restart  # a worker was replaced
         self._timeout = timeout
+        self._previews = previews  # every file's Task says so (see bikewatch.previews)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.restarts = 0
         self._threads: list[threading.Thread] = []
@@ -259,7 +262,7 @@ class DecodePool:
 
     def submit(self, path: str | Path, key: str, *, max_pixels: int, vouch: bool = False) -> Future[Prepared]:
         future: Future[Prepared] = Future()
-        self._queue.put((future, Task(os.fspath(path), key, max_pixels, vouch)))
+        self._queue.put((future, Task(os.fspath(path), key, max_pixels, vouch, self._previews)))
         return future
 
     def shutdown(self) -> None:

@@ -58,6 +58,7 @@ class Item:
     timestamp: str = ""
     dest: str = ""  # relative to the output folder, e.g. "road/IMG_0001.jpg"
     back: str = ""  # relative to the inbox: returned there instead of delivered
+    decoded_from: str = ""  # "preview" or "full" (bikewatch.batching.Prepared.decoded_from)
 
     @property
     def confidence(self) -> float | None:
@@ -112,7 +113,7 @@ def row_for(item: Item, *, inbox: Path, output: Path, model: str, worker: str) -
         timestamp=item.timestamp, source=os.path.join(inbox, item.source), destination=os.path.join(output, item.dest),
         label=item.label, confidence=_fmt(item.confidence), p_mountain=_fmt(item.p_mountain),
         p_road=_fmt(item.p_road), sha256=item.sha256, model=model, error=item.error,
-        size_bytes=str(item.size), id=item.key, worker=worker,
+        size_bytes=str(item.size), id=item.key, worker=worker, decoded_from=item.decoded_from,
     )
 
 
@@ -275,7 +276,10 @@ def _is_copy_of(work: Path, dest: Path, item: Item, digest: Callable[[Path], str
         st = os.lstat(dest)
     except OSError:
         return False
-    return st.st_size == item.size and st.st_mtime_ns == item.mtime_ns and digest(dest) == item.sha256
+    if st.st_size != item.size or st.st_mtime_ns != item.mtime_ns:
+        return False
+    # A photo classified from its preview was never hashed (its row has no sha256): compare the bytes.
+    return digest(dest) == (item.sha256 or digest(work))
 
 
 def _partial_name(item: Item) -> str:

@@ -15,12 +15,13 @@ import io
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 COLUMNS = (
     "timestamp", "source", "destination", "label", "confidence", "p_mountain", "p_road",
-    "sha256", "model", "error", "size_bytes", "id", "worker",
+    "sha256", "model", "error", "size_bytes", "id", "worker", "decoded_from",
 )
+"""A file started with fewer columns (before ``decoded_from``) keeps them: see :meth:`Ledger.append`."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Row:
     size_bytes: str
     id: str  # unique per claimed file: lets recovery tell whether the row was written
     worker: str
+    decoded_from: str = ""  # "preview" (the embedded EXIF preview), "full", or "" when not decoded
 
     def values(self) -> list[str]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -53,15 +55,22 @@ def _text(value: str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-def render(rows: Iterable[Row], *, header: bool) -> bytes:
-    """CSV bytes for ``rows`` (and the header first when asked); pure."""
+def render(rows: Iterable[Row], *, header: bool, columns: Sequence[str] = COLUMNS) -> bytes:
+    """CSV bytes for ``rows`` (and the header first when asked) in ``columns``; pure."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\r\n")  # RFC 4180; spreadsheets and pandas read it
     if header:
-        writer.writerow(COLUMNS)
+        writer.writerow(columns)
     for row in rows:
-        writer.writerow([_text(v) for v in row.values()])
+        values = row.values() if columns == COLUMNS else [getattr(row, c, "") for c in columns]
+        writer.writerow([_text(v) for v in values])
     return buf.getvalue().encode("utf-8")
+
+
+def header_columns(first: bytes) -> tuple[str, ...]:
+    """The columns named by a CSV file's first line (``first`` holds at least that line); pure."""
+    line = first.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")
+    return tuple(next(csv.reader([line]), []))
 
 
 class Ledger:
@@ -69,16 +78,39 @@ class Ledger:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._columns: tuple[tuple[int, int], tuple[str, ...]] | None = None  # (dev, inode) -> its header
+
+    def _columns_of(self, fd: int, st: os.stat_result) -> tuple[str, ...]:
+        """The columns of the file already there, so that rows always match its header.
+
+        A CSV begun by an older version has no ``decoded_from`` column: its new rows leave that
+        out rather than carry one value more than the header names, which pandas and
+        spreadsheets would refuse or misalign. Start a new file to get the new column.
+        """
+        key = (st.st_dev, st.st_ino)
+        if st.st_size == 0:
+            self._columns = (key, COLUMNS)  # the header about to be written
+        elif self._columns is None or self._columns[0] != key:
+            try:
+                cols = header_columns(os.pread(fd, 1 << 16, 0))
+            except OSError:  # opened write-only (see append): assume the current columns
+                cols = COLUMNS
+            self._columns = (key, cols if "id" in cols else COLUMNS)
+        return self._columns[1]
 
     def append(self, rows: list[Row]) -> None:
         if not rows:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)  # read: its header
+        except PermissionError:  # a log we may append to but not read
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            size = os.fstat(fd).st_size
-            data = render(rows, header=size == 0)
+            st = os.fstat(fd)
+            size = st.st_size
+            data = render(rows, header=size == 0, columns=self._columns_of(fd, st))
             written = os.write(fd, data)
             if written != len(data):  # a short write on a full disk: undo our partial line
                 os.ftruncate(fd, size)

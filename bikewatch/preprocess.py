@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 try:  # Registers AVIF/HEIF when pillow-heif is installed; optional.
     import pillow_heif  # type: ignore[import-not-found]
@@ -111,6 +111,8 @@ def _to_array(image: Image.Image) -> np.ndarray:
         # DCT-domain downscaling: a 1000x600 JPEG decodes at 125x75, 1/64 of the work.
         # draft() keeps the result at least SIZE on each side, so quality is unchanged.
         image.draft("RGB" if image.mode not in ("L", "CMYK") else image.mode, (SIZE, SIZE))
+    elif image.format == "HEIF":  # pillow-heif: its embedded thumbnail, when that is a scaled copy of the image
+        image.draft(None, (SIZE, SIZE))
     image.seek(0)  # animated formats: the first frame
     image.load()
     oriented = ImageOps.exif_transpose(image) or image
@@ -145,3 +147,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image.convert("RGB")
     except ValueError as exc:
         raise PreprocessError(f"unsupported image mode {mode}") from exc
+
+
+def preprocess_preview(data: bytes, orientation: int = 1) -> np.ndarray:
+    """An embedded preview (see :mod:`bikewatch.previews`) into the same model input as its main image.
+
+    The preview is a plain JPEG without EXIF of its own; the main image's ``orientation``
+    applies to it, so it is given to the preview before the very steps
+    :func:`preprocess_bytes` takes. Raises :class:`PreprocessError` when it does not decode.
+    """
+    try:
+        image = Image.open(io.BytesIO(data), formats=("JPEG",))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise PreprocessError(f"unreadable preview: {exc}") from exc
+    with image:
+        if image.size[0] < 1 or image.size[1] < 1:
+            raise PreprocessError(f"invalid preview size {image.size[0]}x{image.size[1]}")
+        image.getexif()[ExifTags.Base.Orientation] = orientation  # what _to_array's exif_transpose reads
+        try:
+            return _to_array(image)
+        except PreprocessError:
+            raise
+        except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+            raise PreprocessError(_describe_decode_error(exc)) from exc

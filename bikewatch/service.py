@@ -276,7 +276,8 @@ class Service:
         relay = self._signals()
         try:
             # Started first: the workers import Pillow and numpy while the model loads.
-            with DecodePool(self.workers, on_crash=self._decoder_crashed, on_restart=self._decoder_restarted) as pool:
+            with DecodePool(self.workers, on_crash=self._decoder_crashed, on_restart=self._decoder_restarted,
+                            previews=self.s.previews) as pool:
                 return self._run(pool)
         finally:
             relay.close()
@@ -605,7 +606,8 @@ class Service:
             if usable.probs is not None and usable.model == self.classifier.identity:
                 by_index[i] = usable.probs  # classified while it settled
             else:  # classified ahead by a model replaced since: read the claimed file again
-                prepared[i] = prepare(batch.path.parent / item.key, item.key, max_pixels=self.s.max_pixels)
+                prepared[i] = prepare(batch.path.parent / item.key, item.key, max_pixels=self.s.max_pixels,
+                                      previews=self.s.previews)
         todo = [i for i, p in enumerate(prepared) if p.array is not None and i not in by_index]
         t0 = time.monotonic()
         if todo:
@@ -639,6 +641,7 @@ class Service:
             items.append(Item(
                 key=item.key, source=item.source, label=label, p_mountain=pm, p_road=pr, sha256=prep.sha256,
                 size=prep.size, mtime_ns=prep.mtime_ns, error=prep.error, timestamp=decided_at, dest=f"{label}/{name}",
+                decoded_from=prep.decoded_from if i in by_index else "",
             ))
         journal = replace(batch.journal, phase=PHASE_DECIDED, items=tuple(items), model=self.classifier.identity)
         future = self._deliverer.submit(self._deliver, batch.path, journal, self.work.dir)
