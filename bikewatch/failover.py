@@ -61,7 +61,9 @@ def locate_ledger(*, host: str, ledger: str, ledger_rel: str, our_host: str, our
     candidate = Path(os.path.normpath(our_inbox / ledger_rel))
     if candidate == our_ledger:
         return our_ledger, ""
-    if candidate.is_file() and _shared_with_inbox(candidate, our_inbox):
+    # Not yet there is fine (the worker died before its first row): its folder is, on the share.
+    if (candidate.is_file() or (not os.path.lexists(candidate) and candidate.parent.is_dir())) \
+            and _shared_with_inbox(candidate, our_inbox):
         return candidate, ""
     return our_ledger, f"the CSV {ledger} of host {host} is not at {candidate} from here"
 
