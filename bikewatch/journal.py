@@ -644,7 +644,7 @@ def _quarantine(journal_path: Path, work_dir: Path) -> Path:
     """Move a damaged journal aside, never over another one; returns where it went."""
     folder = quarantine_dir(work_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    base = f"{work_dir.name}.{journal_path.name}"
+    base = f"{work_dir.name.removeprefix(ADOPTED_PREFIX)}.{journal_path.name}"
     n = 0
     while True:
         target = folder / (base if n == 0 else f"{base}.{n}")
@@ -684,7 +684,10 @@ def _settle_damaged(
         text = ""
     header, objects = salvage(text)
     moved = _quarantine(journal_path, work_dir)
-    result = SettleResult(quarantined=[(str(journal_path), str(moved), why)])
+    shown = journal_path  # named where its worker left it, not where recovery adopted it
+    if work_dir.name.startswith(ADOPTED_PREFIX):
+        shown = work_dir.parent.parent / work_dir.name.removeprefix(ADOPTED_PREFIX) / journal_path.name
+    result = SettleResult(quarantined=[(str(shown), str(moved), why)])
     batch = journal_path.name[: -len(".json")]
     phase = header.get("phase", "")
     base = Journal(batch=batch, phase=phase if phase in (PHASE_CLAIMED, PHASE_DECIDED) else PHASE_CLAIMED,
