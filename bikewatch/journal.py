@@ -826,12 +826,24 @@ def recover_dir(
         # Not named by any journal: cannot happen by our protocol, but never drop bytes.
         _return_one(stray, inbox, f"recovered-{stray.name}")
         total.returned.append(Item(key=stray.name, source=f"recovered-{stray.name}"))
+    lock = work_dir / LOCK_NAME
     try:
-        os.unlink(work_dir / LOCK_NAME)
+        if os.path.isdir(lock) and not os.path.islink(lock):
+            os.rmdir(lock)  # damage: a folder where the lock file was
+        else:
+            os.unlink(lock)
+    except OSError:
+        pass
+    try:
         os.rmdir(work_dir)
     except OSError as exc:
-        if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY):
+        if exc.errno == errno.ENOENT:
+            return total
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not work_dir.name.startswith(ADOPTED_PREFIX):
             raise
+        # Only folders are left (no journal names them, no file is in them): not ours to judge.
+        # Aside with the damaged journals, so that they are not adopted again at every rescan.
+        _quarantine(work_dir, work_dir)
     return total
 
 

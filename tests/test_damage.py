@@ -194,6 +194,18 @@ def test_a_finished_copy_across_filesystems_is_kept_and_recorded_once(env: Env, 
         shutil.rmtree(other, ignore_errors=True)
 
 
+def test_a_lock_that_is_a_folder_is_judged_by_its_age(env: Env) -> None:
+    batch = photos("L", 2)
+    folder = dead_folder(env.state, "dead", env.inbox, {"b": batch})
+    (folder / LOCK_NAME).unlink()
+    (folder / LOCK_NAME).mkdir()  # nobody can open, let alone lock, this
+    assert env.recover() == [], "a fresh folder without a usable lock may still be in use"
+    os.utime(folder, (time.time() - 3600,) * 2)
+    (res,) = env.recover()
+    assert sorted(i.source for i in res.returned) == sorted(batch)
+    assert sorted(p.name for p in env.inbox.glob("*.jpg")) == sorted(batch)
+
+
 def test_csv_ids_are_found_through_damage_elsewhere_in_the_file(tmp_path: Path) -> None:
     from bikewatch.ledger import Row
 
@@ -237,6 +249,10 @@ def _damaged_site(d: Daemon) -> tuple[Path, list[Path], collections.Counter[str]
     os.utime(folder / LOCK_NAME, (time.time() - 3600,) * 2)
     (state / "status").mkdir(parents=True, exist_ok=True)
     (state / "status" / f"{folder.name}.json").write_bytes(b'{"worker": "dead", "pid": 9')
+    # A status file of a worker whose folder went long ago (garbage, too): swept, not kept for ever.
+    gone = state / "status" / "gone-1-zzzzzz.json"
+    gone.write_bytes(b"\0" * 40)
+    os.utime(gone, (time.time() - 3600,) * 2)
     (state / "work").mkdir(parents=True, exist_ok=True)
     final = state / "work" / folder.name
     os.rename(folder, final)
@@ -259,6 +275,7 @@ def _check(d: Daemon, folder: Path, damaged: list[Path], inputs: collections.Cou
     assert len(list(quarantine.iterdir())) == len(damaged)
     assert not folder.exists() and not work_leftovers(d.inbox)
     assert not (d.inbox / ".bikewatch" / "status" / f"{folder.name}.json").exists(), "dead status file left"
+    assert not (d.inbox / ".bikewatch" / "status" / "gone-1-zzzzzz.json").exists(), "orphan status file left"
 
 
 def test_damaged_journals_at_start_up(tmp_path: Path, daemons: list[Daemon]) -> None:
