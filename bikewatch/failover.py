@@ -12,7 +12,10 @@ Two questions recovery asks when the journal it settles was written elsewhere:
   does not honour ``fsync``) still holds its first items whole; :func:`salvage` reads back what
   it can, so their files go back under their own names, or are finished as decided.
 
-Pure functions, except :func:`origin` and :func:`locate_ledger`, which look at the disk.
+Status files go with their workers: :func:`remove_status_of` when a dead worker's folder is
+recovered, :func:`sweep_status_files` for any left without a folder.
+
+:func:`salvage` and :func:`safe_rel` are pure; the others look at (or change) the disk.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +112,39 @@ def salvage(text: str) -> tuple[dict[str, str], list[dict[str, Any]]]:
         if isinstance(obj, dict) and isinstance(obj.get("key"), str):
             items.append(obj)
     return header, items
+
+
+# ----------------------------------------------------------------------------- status files
+
+
+def remove_status_of(state_dir: Path, name: str) -> None:
+    """A dead worker's status file (named like its work folder, see ``Service._write_status_file``) goes with it."""
+    folder = state_dir / "status"
+    for path in (folder / f"{name}.json", folder / f".{name}.json.tmp"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def sweep_status_files(state_dir: Path, stale_after: float) -> None:
+    """Status files, damaged ones too, whose worker has no work folder and that nobody updated for ``stale_after``.
+
+    A live worker always has its work folder, and rewrites its status file every few seconds.
+    """
+    folder = state_dir / "status"
+    try:
+        names = os.listdir(folder)
+        live = set(os.listdir(state_dir / "work"))
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        if name.removeprefix(".").removesuffix(".tmp").removesuffix(".json") in live:
+            continue
+        path = folder / name
+        try:
+            if now - os.lstat(path).st_mtime > stale_after:
+                os.unlink(path)
+        except OSError:
+            pass

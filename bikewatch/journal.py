@@ -16,8 +16,11 @@ batch goes through these steps, each durable before the next begins:
 
 :func:`settle` is also the recovery procedure: it is idempotent, and it tells
 what was done from what is on disk (a work file that is gone was placed). A
-worker at start-up settles every journal in every work folder whose lock is
-free (a dead worker's), then removes the folder.
+worker at start-up (and at each rescan) takes over every dead worker's folder
+by renaming it into its own (one rename wins, on any share), settles every
+journal in it into the CSV that journal names, then removes the folder. A
+journal that cannot be read is moved to ``STATE/quarantine/`` and its files are
+saved from what is on disk.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Callable, Collection, Iterator
 
 from bikewatch.delivery import fsync_dir, numbered_name, place, rename_noreplace
 from bikewatch.failover import locate_ledger, safe_rel, salvage
-from bikewatch.ledger import Ledger, Row, csv_field
+from bikewatch.ledger import Ledger, Row
 
 PHASE_CLAIMED = "claimed"
 PHASE_DECIDED = "decided"

@@ -32,7 +32,7 @@ from bikewatch.batching import (
 )
 from bikewatch.config import ConfigError, Settings, describe, load_settings, validate
 from bikewatch.decoders import DecodePool, Task
-from bikewatch.failover import origin
+from bikewatch.failover import origin, remove_status_of, sweep_status_files
 from bikewatch.journal import (
     ADOPTED_PREFIX, PHASE_CLAIMED, PHASE_DECIDED, DeliveryError, Item, Journal, SettleResult, WorkArea, claim,
     deliver_decided, free_name, recover_dir, journals, return_to_inbox, settle, write_journal,
@@ -231,7 +231,7 @@ class Service:
                                   digest=digest_file, on_return=on_return, stale_after=self.s.stale_worker_seconds)
             except OSError as exc:
                 # The output (or the CSV) cannot take them now; crashing here would only loop.
-                # Still holding the folder's lock: send what was not placed back to the inbox;
+                # The folder is ours now (adopted): send what was not placed back to the inbox;
                 # placed files whose rows are owed stay journalled until a retry succeeds.
                 self.orphans_left = True
                 for journal_path in journals(folder):
@@ -254,8 +254,8 @@ class Service:
             self.log.info("recovered work of a stopped worker", folder=dead,
                           delivered=len(res.delivered), returned=len(res.returned),
                           **({"csv": sorted({c for _, c in res.elsewhere})} if res.elsewhere else {}))
-            self._remove_dead_status(dead)
-        self._sweep_status_files()
+            remove_status_of(self.s.state_dir, dead)
+        sweep_status_files(self.s.state_dir, self.s.stale_worker_seconds)
 
     def _log_damage(self, res: SettleResult) -> None:
         """One error per damaged journal; one warning per batch whose worker's CSV cannot be reached."""
@@ -266,38 +266,6 @@ class Service:
             self.log.warning("the dead worker's CSV cannot be reached; its batch is recorded in ours",
                              batch=batch, reason=why, log=str(self.s.log_path),
                              note="rows that worker wrote there before it died cannot be checked and may appear twice")
-
-    def _remove_dead_status(self, name: str) -> None:
-        """A dead worker's status file (named like its work folder) goes with its folder."""
-        folder = self.s.state_dir / "status"
-        for path in (folder / f"{name}.json", folder / f".{name}.json.tmp"):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-
-    def _sweep_status_files(self) -> None:
-        """Status files (damaged ones too) whose worker has no work folder any more and that nobody updates."""
-        folder = self.s.state_dir / "status"
-        try:
-            names = os.listdir(folder)
-        except OSError:
-            return
-        try:
-            live = set(os.listdir(self.s.state_dir / "work"))
-        except OSError:
-            return
-        now = time.time()
-        for name in names:
-            stem = name.removeprefix(".").removesuffix(".tmp").removesuffix(".json")
-            if stem in live:  # ours included
-                continue
-            path = folder / name
-            try:
-                if now - os.lstat(path).st_mtime > self.s.stale_worker_seconds:
-                    os.unlink(path)
-            except OSError:
-                pass
 
     def _start_watching(self) -> None:
         fstype = mount_fstype(self.s.inbox)
