@@ -33,6 +33,7 @@ import os
 import secrets
 import socket
 import stat
+import threading
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -220,6 +221,8 @@ class WorkArea:
         os.rename(nursery, self.dir)
         self._seq = 0
         self._beat = time.monotonic()
+        self._stop_beating = threading.Event()
+        self._beater: threading.Thread | None = None
         fsync_dir(self.root)
 
     def heartbeat(self, now: float) -> None:
@@ -231,6 +234,23 @@ class WorkArea:
             except OSError:
                 pass
 
+    def beat_in_background(self) -> None:
+        """Keep the heartbeat going on a thread of its own until :meth:`close`.
+
+        A live worker whose main loop waits a long time (an fsync on a slow share, a big
+        recovery) must not look dead to other hosts: one that took its folder over then could
+        record a batch the worker is just recording itself. The process dying stops it.
+        """
+        if self._beater is not None:
+            return
+
+        def beat() -> None:
+            while not self._stop_beating.wait(self.heartbeat_every):
+                self.heartbeat(time.monotonic())
+
+        self._beater = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        self._beater.start()
+
     def new_batch_id(self) -> str:
         self._seq += 1
         return f"{self.name}.{self._seq:08d}"
@@ -240,6 +260,9 @@ class WorkArea:
 
     def close(self) -> None:
         """Remove our folder when nothing is left in it; release the lock."""
+        self._stop_beating.set()
+        if self._beater is not None:
+            self._beater.join(timeout=5)
         try:
             for tmp in self.dir.glob("*.json.tmp"):
                 os.unlink(tmp)  # a journal rewrite that failed (inbox gone meanwhile); the previous version stands

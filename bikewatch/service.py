@@ -314,6 +314,7 @@ class Service:
         except OSError as exc:  # a read-only or vanished output must not stop start-up; we wait for it
             self.log.warning("cannot check the CSV log's last line", log=str(self.s.log_path), error=str(exc))
         work = WorkArea(self.s.state_dir, self.s.worker_name, self.s.stale_worker_seconds)
+        work.beat_in_background()
         self.work = work
         try:
             if self.s.metrics_port:
@@ -472,6 +473,7 @@ class Service:
         try:
             self.s.state_dir.mkdir(exist_ok=True)
             self.work = WorkArea(self.s.state_dir, self.s.worker_name, self.s.stale_worker_seconds)
+            self.work.beat_in_background()
         except OSError as exc:
             self.log.debug("cannot start a new work folder yet", error=str(exc))
             return False

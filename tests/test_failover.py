@@ -33,7 +33,7 @@ from photos import check_nothing_lost, hash_multiset, move_in, photo_bytes, work
 
 FAST = {"settle_seconds": 0.2, "closed_settle_seconds": 0.05, "max_wait_ms": 20, "rescan_seconds": 1.0,
         "decode_workers": 1}
-STALE = 4.0  # seconds; heartbeats every 1 s
+STALE = 6.0  # seconds; heartbeats every 1.5 s
 
 
 def uts_available() -> str:
@@ -227,6 +227,18 @@ def test_two_workers_racing_for_one_dead_folder_never_both_get_it(tmp_path: Path
                 (p / LOCK_NAME).unlink()
                 p.rmdir()
         w.close()
+
+
+def test_the_heartbeat_goes_on_while_the_main_loop_is_busy(tmp_path: Path) -> None:
+    work = WorkArea(tmp_path, "w", stale_after=0.4)  # a beat every 0.1 s
+    lock = work.dir / LOCK_NAME
+    os.utime(lock, (0, 0))
+    work.beat_in_background()
+    try:
+        wait_until(lambda: time.time() - lock.stat().st_mtime < 5, 10, what="a heartbeat from the thread")
+    finally:
+        work.close()
+    assert work._beater is not None and not work._beater.is_alive()
 
 
 # --------------------------------------------------------------------------- real daemons, real host names
