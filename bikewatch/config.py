@@ -52,6 +52,7 @@ class Settings:
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     worker_name: str = field(default_factory=socket.gethostname)
+    stale_worker_seconds: float = 120.0  # a worker on another host silent this long is dead
     metrics_textfile: Path | None = None
     metrics_port: int = 0  # 0 = off
     metrics_address: str = "127.0.0.1"
@@ -77,7 +78,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "log_level": ("debug", "info", "warning", "error"),
 }
 _BOOLS = {"watch_model", "previews"}
-_POSITIVE = {"settle_seconds", "max_batch", "rescan_seconds", "poll_interval_seconds", "max_pixels", "retry_max_seconds"}
+_POSITIVE = {"settle_seconds", "max_batch", "rescan_seconds", "poll_interval_seconds", "max_pixels", "retry_max_seconds",
+             "stale_worker_seconds"}
 _NON_NEGATIVE = {"closed_settle_seconds", "max_wait_ms", "decode_workers", "read_ahead", "unsure_below", "metrics_port"}
 
 

@@ -16,12 +16,16 @@ batch goes through these steps, each durable before the next begins:
 
 :func:`settle` is also the recovery procedure: it is idempotent, and it tells
 what was done from what is on disk (a work file that is gone was placed). A
-worker at start-up settles every journal in every work folder whose lock is
-free (a dead worker's), then removes the folder.
+worker at start-up (and at each rescan) takes over every dead worker's folder
+by renaming it into its own (one rename wins, on any share), settles every
+journal in it into the CSV that journal names, then removes the folder. A
+journal that cannot be read is moved to ``STATE/quarantine/`` and its files are
+saved from what is on disk.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import fcntl
 import json
@@ -29,17 +33,23 @@ import os
 import secrets
 import socket
 import stat
+import threading
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Collection, Iterator
 
 from bikewatch.delivery import fsync_dir, numbered_name, place, rename_noreplace
+from bikewatch.failover import locate_ledger, safe_rel, salvage
 from bikewatch.ledger import Ledger, Row
 
 PHASE_CLAIMED = "claimed"
 PHASE_DECIDED = "decided"
 LOCK_NAME = "lock"
+ADOPTED_PREFIX = "adopted-"
+"""A dead worker's folder, renamed into the live worker's own folder that recovers it."""
+QUARANTINE = "quarantine"
+"""STATE/quarantine/: damaged journals, moved aside (never deleted) for a person to look at."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,10 @@ class Item:
         return max(self.p_mountain, self.p_road)
 
 
+class JournalDamaged(ValueError):
+    """A journal that cannot be read back as one: empty, cut off, garbage, or not a journal's shape."""
+
+
 @dataclass(frozen=True)
 class Journal:
     batch: str
@@ -74,19 +88,62 @@ class Journal:
     worker: str
     model: str = ""
     items: tuple[Item, ...] = field(default_factory=tuple)
+    # Where the batch is recorded (see bikewatch.failover), so that any host can finish it there:
+    host: str = ""  # the writer's host name
+    inbox: str = ""  # the inbox, as the writer saw it
+    ledger: str = ""  # the CSV it appends to, as it saw it
+    ledger_rel: str = ""  # that CSV relative to the inbox, when other hosts can reach it that way
 
     def to_json(self) -> str:
         # Shallow on purpose: every value is a str, a number or None. dataclasses.asdict()
         # deep-copied each one (the items twice): 1.6 ms for a 40-item journal, now 0.2 ms.
-        data = {name: getattr(self, name) for name in _JOURNAL_FIELDS}
+        # The items last: a journal cut off in its items still says whose batch it is.
+        data: dict[str, object] = {name: getattr(self, name) for name in _JOURNAL_FIELDS if name != "items"}
         data["items"] = [{name: getattr(i, name) for name in _ITEM_FIELDS} for i in self.items]
         return json.dumps(data, ensure_ascii=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> "Journal":
-        data = json.loads(text)
-        items = tuple(Item(**i) for i in data.pop("items"))
-        return cls(items=items, **data)
+        """Parse and check a journal; anything that is not a sound one raises :class:`JournalDamaged`."""
+        try:
+            data = json.loads(text)
+            items = tuple(Item(**i) for i in data.pop("items"))
+            journal = cls(items=items, **data)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise JournalDamaged(f"{type(exc).__name__}: {exc}") from None
+        problem = journal_problem(journal)
+        if problem:
+            raise JournalDamaged(problem)
+        return journal
+
+
+def journal_problem(journal: Journal) -> str:
+    """What makes a parsed journal unusable (names that leave their folders, unknown phase); pure."""
+    if journal.phase not in (PHASE_CLAIMED, PHASE_DECIDED):
+        return f"unknown phase {journal.phase!r}"
+    for name in ("batch", "worker", "model", "host", "inbox", "ledger", "ledger_rel"):
+        if not isinstance(getattr(journal, name), str):
+            return f"{name} is not a string"
+    for item in journal.items:
+        for f in fields(Item):
+            value = getattr(item, f.name)
+            if f.name in ("p_mountain", "p_road"):
+                ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+            elif f.name in ("size", "mtime_ns"):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, str)
+            if not ok:
+                return f"item field {f.name} holds {type(value).__name__}"
+        if not safe_rel(item.key) or "/" in item.key:
+            return f"bad item key {item.key!r}"
+        if not safe_rel(item.source):
+            return f"bad source {item.source!r} of item {item.key}"
+        if item.back and not safe_rel(item.back):
+            return f"bad return path {item.back!r} of item {item.key}"
+        if journal.phase == PHASE_DECIDED and not item.back and not safe_rel(item.dest):
+            return f"bad destination {item.dest!r} of item {item.key}"
+    return ""
 
 
 _ITEM_FIELDS = tuple(f.name for f in fields(Item))
@@ -98,6 +155,13 @@ class SettleResult:
     delivered: list[Item] = field(default_factory=list)
     returned: list[Item] = field(default_factory=list)
     missing: list[Item] = field(default_factory=list)
+    quarantined: list[tuple[str, str, str]] = field(default_factory=list)  # (journal, moved to, why)
+    elsewhere: list[tuple[str, str]] = field(default_factory=list)  # (batch, CSV): rows in another worker's CSV
+    fallback: list[tuple[str, str]] = field(default_factory=list)  # (batch, why its worker's CSV was not used)
+
+    def add(self, other: "SettleResult") -> None:
+        for name in ("delivered", "returned", "missing", "quarantined", "elsewhere", "fallback"):
+            getattr(self, name).extend(getattr(other, name))
 
 
 class DeliveryError(OSError):
@@ -118,7 +182,10 @@ def row_for(item: Item, *, inbox: Path, output: Path, model: str, worker: str) -
 
 
 HEARTBEAT_SECONDS = 10.0
-"""How often a live worker touches its lock file (see :meth:`WorkArea.orphaned_dirs`)."""
+"""How often a live worker touches its lock file (see :meth:`WorkArea.orphaned_dirs`)..."""
+STALE_SECONDS = 120.0
+"""...and how old that touch must be before a worker on another host counts as dead (the
+``stale_worker_seconds`` setting; a quarter of it is the heartbeat when that is shorter)."""
 
 
 def lock_is_stale(owner: str, mtime: float, *, host: str, now: float, stale_after: float) -> bool:
@@ -139,7 +206,9 @@ def lock_is_stale(owner: str, mtime: float, *, host: str, now: float, stale_afte
 class WorkArea:
     """This worker's claim folder; holds its lock for the life of the process."""
 
-    def __init__(self, state_dir: Path, worker: str) -> None:
+    def __init__(self, state_dir: Path, worker: str, stale_after: float = STALE_SECONDS) -> None:
+        self.stale_after = stale_after
+        self.heartbeat_every = min(HEARTBEAT_SECONDS, stale_after / 4)
         self.root = state_dir / "work"
         self.root.mkdir(parents=True, exist_ok=True)
         self.name = f"{worker}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -153,16 +222,35 @@ class WorkArea:
         os.rename(nursery, self.dir)
         self._seq = 0
         self._beat = time.monotonic()
+        self._stop_beating = threading.Event()
+        self._beater: threading.Thread | None = None
         fsync_dir(self.root)
 
     def heartbeat(self, now: float) -> None:
         """Touch the lock file so workers on other machines can tell we are alive."""
-        if now - self._beat >= HEARTBEAT_SECONDS:
+        if now - self._beat >= self.heartbeat_every:
             self._beat = now
             try:
                 os.utime(self._lock_fd)
             except OSError:
                 pass
+
+    def beat_in_background(self) -> None:
+        """Keep the heartbeat going on a thread of its own until :meth:`close`.
+
+        A live worker whose main loop waits a long time (an fsync on a slow share, a big
+        recovery) must not look dead to other hosts: one that took its folder over then could
+        record a batch the worker is just recording itself. The process dying stops it.
+        """
+        if self._beater is not None:
+            return
+
+        def beat() -> None:
+            while not self._stop_beating.wait(self.heartbeat_every):
+                self.heartbeat(time.monotonic())
+
+        self._beater = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        self._beater.start()
 
     def new_batch_id(self) -> str:
         self._seq += 1
@@ -173,6 +261,9 @@ class WorkArea:
 
     def close(self) -> None:
         """Remove our folder when nothing is left in it; release the lock."""
+        self._stop_beating.set()
+        if self._beater is not None:
+            self._beater.join(timeout=5)
         try:
             for tmp in self.dir.glob("*.json.tmp"):
                 os.unlink(tmp)  # a journal rewrite that failed (inbox gone meanwhile); the previous version stands
@@ -184,33 +275,75 @@ class WorkArea:
             pass
         os.close(self._lock_fd)
 
-    def orphaned_dirs(self, stale_after: float = 120.0, retired: Collection[str] = ()) -> Iterator[Path]:
-        """Work folders of dead workers, each yielded while we hold its lock.
+    def orphaned_dirs(self, stale_after: float | None = None, retired: Collection[str] = ()) -> Iterator[Path]:
+        """Work folders of dead workers, each yielded once it is ours: taken over by a rename.
+
+        A dead worker's folder is renamed into our own folder (``adopted-<name>``) before
+        anything in it is touched. Of several workers that judge it dead at once, on this
+        host or another, one rename wins; the others find it gone (ENOENT) and move on. No
+        lock is needed, which matters on shares whose locks do not reach every host (sshfs,
+        NFS mounted ``nolock``). Until it is recovered, the adopted folder is as safe as our
+        own: if we die too, whoever takes over our folder recovers it with ours.
+        Folders adopted earlier and not recovered yet (the output was unusable) come first.
 
         ``retired`` names folders this very process used before (its inbox's filesystem
         went away and it started a new one): their lock names a live pid, ours, yet
         nobody works in them any more.
         """
+        stale_after = self.stale_after if stale_after is None else stale_after
+        for entry in sorted(self.dir.iterdir()):
+            if entry.name.startswith(ADOPTED_PREFIX) and entry.is_dir():
+                yield entry
         host, now = socket.gethostname(), time.time()
         for entry in sorted(self.root.iterdir()):
             if entry == self.dir or entry.name.startswith(".") or not entry.is_dir():
                 continue
+            if self._is_dead(entry, host=host, now=now, stale_after=stale_after, retired=retired):
+                adopted = self._take_over(entry)
+                if adopted is not None:
+                    yield adopted
+
+    def _is_dead(self, entry: Path, *, host: str, now: float, stale_after: float, retired: Collection[str]) -> bool:
+        try:
+            fd = os.open(entry / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            # No usable lock file (a folder in its place, a damaged entry): nobody can hold it,
+            # so only age tells, as for a worker on another host.
             try:
-                fd = os.open(entry / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+                return now - os.lstat(entry).st_mtime > stale_after
             except OSError:
-                continue
+                return False
+        try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                os.close(fd)
-                continue  # alive
-            try:
-                owner = os.pread(fd, 256, 0).decode("utf-8", "replace")
-                if entry.name in retired or lock_is_stale(owner, os.fstat(fd).st_mtime, host=host, now=now,
-                                                          stale_after=stale_after):
-                    yield entry
-            finally:
-                os.close(fd)
+                return False  # alive
+            # Garbage, empty or cut off: lock_is_stale then goes by the heartbeat alone.
+            owner = os.pread(fd, 256, 0).decode("utf-8", "replace")
+            return entry.name in retired or lock_is_stale(owner, os.fstat(fd).st_mtime, host=host, now=now,
+                                                          stale_after=stale_after)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)  # releases the flock; the rename that follows is what makes the folder ours
+
+    def _take_over(self, entry: Path) -> Path | None:
+        """Rename a dead worker's folder into ours; None when another worker's rename won."""
+        target = self.dir / f"{ADOPTED_PREFIX}{entry.name}"
+        try:
+            os.rename(entry, target)
+        except FileNotFoundError:
+            # Another worker won, or (NFS) our retransmitted rename did succeed.
+            if not os.path.isdir(target):
+                return None
+        except OSError:
+            return None  # ENOTEMPTY/EEXIST: cannot be ours (names are unique); leave it be
+        try:
+            fsync_dir(self.root)
+            fsync_dir(self.dir)
+        except OSError:
+            pass
+        return target
 
 
 def write_journal(path: Path, journal: Journal) -> None:
@@ -225,7 +358,18 @@ def write_journal(path: Path, journal: Journal) -> None:
 
 
 def read_journal(path: Path) -> Journal:
-    return Journal.from_json(path.read_text(encoding="ascii"))
+    """The journal at ``path``; :class:`JournalDamaged` when it cannot be one (an OSError when unreadable)."""
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise JournalDamaged("a folder, not a file") from None
+    if not data:
+        raise JournalDamaged("empty")
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise JournalDamaged(f"not text: {exc.reason} at byte {exc.start}") from None
+    return Journal.from_json(text)
 
 
 def claim(inbox: Path, work_dir: Path, journal: Journal, journal_path: Path) -> Journal:
@@ -296,6 +440,7 @@ def settle(
     fresh: bool = False,
     digest: Callable[[Path], str],
     on_return: Callable[[Item, str], None] | None = None,
+    stale_after: float = STALE_SECONDS,
 ) -> SettleResult:
     """Finish a batch from whatever state it is in; idempotent; deletes the journal at the end.
 
@@ -303,8 +448,17 @@ def settle(
     path), which saves reading the CSV. Raises :class:`DeliveryError` when the
     output cannot take the files: the journal then stays, and the caller
     returns the batch to the inbox with :func:`return_to_inbox` or retries.
+
+    The rows go to the CSV the journal names (another worker's, perhaps on another host:
+    see :func:`bikewatch.failover.locate_ledger`), and ids are checked there. A damaged
+    journal is moved to the quarantine folder and its files are saved as far as they can be
+    (:func:`_settle_damaged`); ``result.quarantined`` says so, for the caller's log.
     """
-    journal = read_journal(journal_path)
+    try:
+        journal = read_journal(journal_path)
+    except JournalDamaged as exc:
+        return _settle_damaged(journal_path, work_dir, str(exc), inbox=inbox, output=output, ledger=ledger,
+                               digest=digest, on_return=on_return, stale_after=stale_after)
     result = SettleResult()
     if journal.phase == PHASE_CLAIMED:
         for item in journal.items:
@@ -358,9 +512,32 @@ def settle(
                 raise DeliveryError(exc.errno, f"cannot deliver to {dest.parent}: {exc.strerror}") from exc
         touched.add(dest.parent)
         placed.append(item)
-    _record(journal_path, journal, placed, touched, inbox=inbox, output=output, ledger=ledger, fresh=fresh)
+    target = ledger if fresh else _ledger_of(journal, ledger, inbox, result)
+    _record(journal_path, journal, placed, touched, inbox=inbox, output=output, ledger=target, fresh=fresh,
+            repair=target.path != ledger.path and _quiet_for(target.path, stale_after))
     result.delivered = placed
     return result
+
+
+def _ledger_of(journal: Journal, ours: Ledger, inbox: Path, result: SettleResult) -> Ledger:
+    """The CSV ``journal``'s rows belong in (noted in ``result`` when it is not ours)."""
+    path, why = locate_ledger(host=journal.host, ledger=journal.ledger, ledger_rel=journal.ledger_rel,
+                              our_host=socket.gethostname(), our_inbox=Path(os.path.abspath(inbox)),
+                              our_ledger=ours.path)
+    if why:
+        result.fallback.append((journal.batch, why))
+    if path == ours.path:
+        return ours
+    result.elsewhere.append((journal.batch, str(path)))
+    return Ledger(path)
+
+
+def _quiet_for(path: Path, seconds: float) -> bool:
+    """Has nobody written ``path`` for ``seconds``? Only then is a torn last line surely no live append."""
+    try:
+        return time.time() - os.stat(path).st_mtime > seconds
+    except OSError:
+        return False
 
 
 def _record(
@@ -373,15 +550,19 @@ def _record(
     output: Path,
     ledger: Ledger,
     fresh: bool,
+    repair: bool = False,
 ) -> None:
     """The end of every delivery: the new names durable, one CSV row per placed file, the journal gone.
 
     Unless ``fresh``, rows the CSV already holds (a restart after the append) are not written again.
+    ``repair`` trims a torn last line first (another worker's CSV, which its start-up did not trim).
     """
     try:
         for folder in folders:
             fsync_dir(folder)
-        existing = set() if fresh else ledger.ids()
+        if repair:
+            ledger.repair_tail()
+        existing = set() if fresh else ledger.present(it.key for it in placed)
         rows = [
             row_for(it, inbox=inbox, output=output, model=journal.model, worker=journal.worker)
             for it in placed
@@ -441,7 +622,10 @@ def return_to_inbox(journal_path: Path, work_dir: Path, *, inbox: Path) -> list[
     Files already placed keep their place; their rows are written by the next
     :func:`settle` of this journal, which the caller runs when the output is back.
     """
-    journal = read_journal(journal_path)
+    try:
+        journal = read_journal(journal_path)
+    except JournalDamaged:
+        return []  # the next settle() quarantines it and saves its files
     items = list(journal.items)
     returned: list[Item] = []
     for i, item in enumerate(items):
@@ -475,6 +659,170 @@ def _remove_journal(path: Path) -> None:
     fsync_dir(path.parent)
 
 
+# ----------------------------------------------------------------------------- damaged journals
+
+
+def quarantine_dir(work_dir: Path) -> Path:
+    """STATE/quarantine for a work folder STATE/work/<name> (or a folder adopted inside one)."""
+    p = work_dir
+    while p.name != "work" and p.parent != p:
+        p = p.parent
+    return (p.parent if p.name == "work" else work_dir.parent) / QUARANTINE
+
+
+def _quarantine(journal_path: Path, work_dir: Path) -> Path:
+    """Move a damaged journal aside, never over another one; returns where it went."""
+    folder = quarantine_dir(work_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = f"{work_dir.name.removeprefix(ADOPTED_PREFIX)}.{journal_path.name}"
+    n = 0
+    while True:
+        target = folder / (base if n == 0 else f"{base}.{n}")
+        try:
+            rename_noreplace(journal_path, target)
+            break
+        except FileExistsError:
+            n += 1
+    fsync_dir(folder)
+    fsync_dir(journal_path.parent)
+    return target
+
+
+def _settle_damaged(
+    journal_path: Path,
+    work_dir: Path,
+    why: str,
+    *,
+    inbox: Path,
+    output: Path,
+    ledger: Ledger,
+    digest: Callable[[Path], str],
+    on_return: Callable[[Item, str], None] | None,
+    stale_after: float,
+) -> SettleResult:
+    """A journal that cannot be read: quarantine it and lose none of the files it covered.
+
+    Items still whole in it (a journal cut off keeps its first ones) are finished as they
+    were decided, or returned under their inbox names. Any other work file of the batch is
+    returned to the inbox as ``recovered-<key>``, unless the output already holds its bytes
+    (a copy across filesystems that finished just before the crash): then that copy stands,
+    gets its CSV row if it has none, and the work file, a duplicate, is removed.
+    """
+    try:
+        text = journal_path.read_bytes().decode("ascii", "replace")
+    except OSError:
+        text = ""
+    header, objects = salvage(text)
+    moved = _quarantine(journal_path, work_dir)
+    shown = journal_path  # named where its worker left it, not where recovery adopted it
+    if work_dir.name.startswith(ADOPTED_PREFIX):
+        shown = work_dir.parent.parent / work_dir.name.removeprefix(ADOPTED_PREFIX) / journal_path.name
+    result = SettleResult(quarantined=[(str(shown), str(moved), why)])
+    batch = journal_path.name[: -len(".json")]
+    phase = header.get("phase", "")
+    base = Journal(batch=batch, phase=phase if phase in (PHASE_CLAIMED, PHASE_DECIDED) else PHASE_CLAIMED,
+                   worker=header.get("worker", ""), model=header.get("model", ""), host=header.get("host", ""),
+                   inbox=header.get("inbox", ""), ledger=header.get("ledger", ""),
+                   ledger_rel=header.get("ledger_rel", ""))
+    good: list[Item] = []
+    for obj in objects:
+        try:
+            item = Item(**obj)
+        except TypeError:
+            continue
+        if item.key.startswith(batch + ".") and not journal_problem(replace(base, items=(item,))):
+            good.append(item)
+    sources = {it.key: it.source for it in good}
+    finished: set[str] = set()
+    if good and base.phase == PHASE_DECIDED:
+        write_journal(journal_path, replace(base, items=tuple(good)))  # only what is sound, as it was decided
+        result.add(settle(journal_path, work_dir, inbox=inbox, output=output, ledger=ledger, digest=digest,
+                          on_return=on_return, stale_after=stale_after))
+        finished = set(sources)
+    target = _ledger_of(base, ledger, inbox, SettleResult())
+    by_size: dict[int, list[Path]] | None = None
+    for entry in sorted(work_dir.iterdir()):
+        key = entry.name
+        if not key.startswith(batch + ".") or key in finished or key.endswith((".json", ".json.tmp")):
+            continue
+        st = os.lstat(entry)
+        if not stat.S_ISREG(st.st_mode) and not stat.S_ISLNK(st.st_mode):
+            continue
+        rel = sources.get(key, f"recovered-{key}")
+        if phase != PHASE_CLAIMED and stat.S_ISREG(st.st_mode):
+            if by_size is None:
+                by_size = _output_by_size(output)
+            copy = _finished_copy(entry, key, by_size.get(st.st_size, []), target, ledger, digest)
+            if copy is not None:
+                item = Item(key=key, source=rel, label=copy.parent.name, sha256=digest(copy), size=st.st_size,
+                            mtime_ns=st.st_mtime_ns, dest=f"{copy.parent.name}/{copy.name}",
+                            timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"))
+                if not target.present([key]):
+                    try:
+                        target.append([row_for(item, inbox=inbox, output=output, model=base.model,
+                                               worker=base.worker)])
+                    except OSError as exc:
+                        raise DeliveryError(exc.errno, f"cannot write the CSV log {target.path}: {exc.strerror}") from exc
+                os.unlink(entry)
+                fsync_dir(work_dir)
+                result.delivered.append(item)
+                continue
+        if _return_one(entry, inbox, rel):
+            item = Item(key=key, source=rel)
+            result.returned.append(item)
+            if on_return:
+                on_return(item, "its batch journal was damaged")
+    return result
+
+
+def _output_by_size(output: Path) -> dict[int, list[Path]]:
+    """Regular files in the output's label folders, by size: where a finished copy could be."""
+    out: dict[int, list[Path]] = {}
+    try:
+        folders = [e for e in os.scandir(output) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return out
+    for folder in folders:
+        try:
+            for e in os.scandir(folder.path):
+                if e.is_file(follow_symlinks=False) and not e.name.startswith("."):
+                    out.setdefault(e.stat(follow_symlinks=False).st_size, []).append(Path(e.path))
+        except OSError:
+            continue
+    return out
+
+
+def _finished_copy(work: Path, key: str, candidates: list[Path], target: Ledger, ours: Ledger,
+                   digest: Callable[[Path], str]) -> Path | None:
+    """The output file ``work`` was copied to before the crash, or None.
+
+    A copy keeps the bytes and the mtime (:func:`bikewatch.delivery.copy_durably`). It is ours
+    when no CSV row names it, or only the row with our own id does; a file another row names
+    is another delivery of the same bytes, and ``work`` goes back to the inbox instead.
+    """
+    st = os.lstat(work)
+    same = [p for p in candidates if _mtime_ns(p) == st.st_mtime_ns]
+    if not same:
+        return None
+    want = digest(work)
+    mine = target.row(key)
+    for path in same:
+        if digest(path) != want:
+            continue
+        if mine is not None and os.path.realpath(mine.get("destination", "")) == os.path.realpath(path):
+            return path
+        if not target.present([str(path)]) and not (ours.path != target.path and ours.present([str(path)])):
+            return path
+    return None
+
+
+def _mtime_ns(path: Path) -> int:
+    try:
+        return os.lstat(path).st_mtime_ns
+    except OSError:
+        return -1
+
+
 def recover_dir(
     work_dir: Path,
     *,
@@ -483,16 +831,23 @@ def recover_dir(
     ledger: Ledger,
     digest: Callable[[Path], str],
     on_return: Callable[[Item, str], None] | None = None,
+    stale_after: float = STALE_SECONDS,
 ) -> SettleResult:
-    """Settle every journal a dead worker left, return stray files to the inbox, remove the folder."""
+    """Settle every journal a dead worker left, return stray files to the inbox, remove the folder.
+
+    Folders it had adopted from workers that died before it (``adopted-*``) are recovered first.
+    """
     total = SettleResult()
+    for sub in sorted(work_dir.iterdir()):
+        if sub.name.startswith(ADOPTED_PREFIX) and not sub.is_symlink() and sub.is_dir():
+            total.add(recover_dir(sub, inbox=inbox, output=output, ledger=ledger, digest=digest,
+                                  on_return=on_return, stale_after=stale_after))
     for tmp in work_dir.glob("*.json.tmp"):
-        os.unlink(tmp)  # a journal rewrite that never completed; the previous version stands
+        if tmp.is_file():
+            os.unlink(tmp)  # a journal rewrite that never completed; the previous version stands
     for journal_path in sorted(work_dir.glob("*.json")):
-        res = settle(journal_path, work_dir, inbox=inbox, output=output, ledger=ledger, digest=digest,
-                     on_return=on_return)
-        total.delivered += res.delivered
-        total.returned += res.returned
+        total.add(settle(journal_path, work_dir, inbox=inbox, output=output, ledger=ledger, digest=digest,
+                         on_return=on_return, stale_after=stale_after))
     for stray in sorted(work_dir.iterdir()):
         if stray.name == LOCK_NAME:
             continue
@@ -501,12 +856,24 @@ def recover_dir(
         # Not named by any journal: cannot happen by our protocol, but never drop bytes.
         _return_one(stray, inbox, f"recovered-{stray.name}")
         total.returned.append(Item(key=stray.name, source=f"recovered-{stray.name}"))
+    lock = work_dir / LOCK_NAME
     try:
-        os.unlink(work_dir / LOCK_NAME)
+        if os.path.isdir(lock) and not os.path.islink(lock):
+            os.rmdir(lock)  # damage: a folder where the lock file was
+        else:
+            os.unlink(lock)
+    except OSError:
+        pass
+    try:
         os.rmdir(work_dir)
     except OSError as exc:
-        if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY):
+        if exc.errno == errno.ENOENT:
+            return total
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not work_dir.name.startswith(ADOPTED_PREFIX):
             raise
+        # Only folders are left (no journal names them, no file is in them): not ours to judge.
+        # Aside with the damaged journals, so that they are not adopted again at every rescan.
+        _quarantine(work_dir, work_dir)
     return total
 
 

@@ -156,6 +156,46 @@ class Ledger:
         """Every ``id`` in the file: which rows already exist."""
         return {row.get("id", "") for row in read_rows(self.path)}
 
+    def present(self, ids: Iterable[str]) -> set[str]:
+        """Which of ``ids`` have a row already; untroubled by damage anywhere else in the file.
+
+        Looks for each id as the whole field it is written as (``,<id>,``: the ``id`` column is
+        neither the first nor the last), in the raw bytes: a torn line, NULs after a power cut or
+        an unbalanced quote elsewhere cannot hide a row, or raise, as they would in a CSV parser.
+        """
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return set()
+        return {i for i in ids if b"," + csv_field(i) + b"," in data}
+
+    def row(self, row_id: str) -> dict[str, str] | None:
+        """The row with ``row_id``, read from its own line only (see :meth:`present`); None if none."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        at = data.find(b"," + csv_field(row_id) + b",")
+        if at < 0:
+            return None
+        start, end = data.rfind(b"\n", 0, at) + 1, data.find(b"\n", at)
+        line = data[start:] if end < 0 else data[start:end + 1]
+        try:
+            values = next(csv.reader(io.StringIO(line.decode("utf-8", "replace"))), [])
+        except csv.Error:
+            return None
+        if len(values) != len(COLUMNS):
+            return None
+        found = dict(zip(COLUMNS, values))
+        return found if found["id"] == row_id else None
+
+
+def csv_field(value: str) -> bytes:
+    """``value`` as one field of a row written by :func:`render` (quoted when it must be); pure."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow([_text(value)])
+    return buf.getvalue().encode("utf-8")
+
 
 def read_rows(path: Path) -> Iterator[dict[str, str]]:
     """Rows as dicts; a missing file has none."""

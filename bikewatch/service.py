@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -31,9 +32,10 @@ from bikewatch.batching import (
 )
 from bikewatch.config import ConfigError, Settings, describe, load_settings, validate
 from bikewatch.decoders import DecodePool, Task
+from bikewatch.failover import origin, remove_status_of, sweep_status_files
 from bikewatch.journal import (
-    PHASE_CLAIMED, PHASE_DECIDED, DeliveryError, Item, Journal, SettleResult, WorkArea, claim, deliver_decided,
-    free_name, recover_dir, journals, return_to_inbox, settle, write_journal,
+    ADOPTED_PREFIX, PHASE_CLAIMED, PHASE_DECIDED, DeliveryError, Item, Journal, SettleResult, WorkArea, claim,
+    deliver_decided, free_name, recover_dir, journals, return_to_inbox, settle, write_journal,
 )
 from bikewatch.ledger import Ledger
 from bikewatch.metrics import Metrics
@@ -129,6 +131,8 @@ class Service:
         self.hints = Hints()
         self.readiness = Readiness(settings.settle_seconds, settings.closed_settle_seconds)
         self.ledger = Ledger(settings.log_path)
+        # Written into every journal: which CSV this worker records to, so any host can finish its batches there.
+        self._origin = origin(settings.inbox, settings.log_path, socket.gethostname())
         self.counts = Counts()
         self.metrics = Metrics()
         self.inflight: collections.deque[InFlight] = collections.deque()
@@ -240,12 +244,13 @@ class Service:
 
         self.orphans_left = False
         for folder in work.orphaned_dirs(retired=self._retired):
+            work.heartbeat(time.monotonic())  # a long recovery must not make us look dead to other hosts
             try:
                 res = recover_dir(folder, inbox=self.s.inbox, output=self.s.output, ledger=self.ledger,
-                                  digest=digest_file, on_return=on_return)
+                                  digest=digest_file, on_return=on_return, stale_after=self.s.stale_worker_seconds)
             except OSError as exc:
                 # The output (or the CSV) cannot take them now; crashing here would only loop.
-                # Still holding the folder's lock: send what was not placed back to the inbox;
+                # The folder is ours now (adopted): send what was not placed back to the inbox;
                 # placed files whose rows are owed stay journalled until a retry succeeds.
                 self.orphans_left = True
                 for journal_path in journals(folder):
@@ -259,8 +264,27 @@ class Service:
                     "output unavailable; photos stay in the inbox, retrying", error=str(exc),
                     folder=folder.name, retry_in_s=self.backoff)
                 continue
-            self.log.info("recovered work of a stopped worker", folder=folder.name,
-                          delivered=len(res.delivered), returned=len(res.returned))
+            except Exception as exc:  # noqa: BLE001 - no state on disk may stop the service
+                self.log.exception("cannot recover the work of a stopped worker; left for a later start",
+                                   folder=folder.name, error=str(exc))
+                continue
+            self._log_damage(res)
+            dead = folder.name.removeprefix(ADOPTED_PREFIX)
+            self.log.info("recovered work of a stopped worker", folder=dead,
+                          delivered=len(res.delivered), returned=len(res.returned),
+                          **({"csv": sorted({c for _, c in res.elsewhere})} if res.elsewhere else {}))
+            remove_status_of(self.s.state_dir, dead)
+        sweep_status_files(self.s.state_dir, self.s.stale_worker_seconds)
+
+    def _log_damage(self, res: SettleResult) -> None:
+        """One error per damaged journal; one warning per batch whose worker's CSV cannot be reached."""
+        for journal, moved, why in res.quarantined:
+            self.log.error("damaged batch journal moved to quarantine; its photos are kept",
+                           journal=journal, quarantined=moved, problem=why)
+        for batch, why in res.fallback:
+            self.log.warning("the dead worker's CSV cannot be reached; its batch is recorded in ours",
+                             batch=batch, reason=why, log=str(self.s.log_path),
+                             note="rows that worker wrote there before it died cannot be checked and may appear twice")
 
     def _start_watching(self) -> None:
         fstype = mount_fstype(self.s.inbox)
@@ -310,7 +334,8 @@ class Service:
             self.ledger.repair_tail()
         except OSError as exc:  # a read-only or vanished output must not stop start-up; we wait for it
             self.log.warning("cannot check the CSV log's last line", log=str(self.s.log_path), error=str(exc))
-        work = WorkArea(self.s.state_dir, self.s.worker_name)
+        work = WorkArea(self.s.state_dir, self.s.worker_name, self.s.stale_worker_seconds)
+        work.beat_in_background()
         self.work = work
         try:
             if self.s.metrics_port:
@@ -468,7 +493,8 @@ class Service:
         old = self.work
         try:
             self.s.state_dir.mkdir(exist_ok=True)
-            self.work = WorkArea(self.s.state_dir, self.s.worker_name)
+            self.work = WorkArea(self.s.state_dir, self.s.worker_name, self.s.stale_worker_seconds)
+            self.work.beat_in_background()
         except OSError as exc:
             self.log.debug("cannot start a new work folder yet", error=str(exc))
             return False
@@ -512,7 +538,7 @@ class Service:
         items = tuple(Item(key=f"{batch_id}.{i:04d}", source=s.rel) for i, s in enumerate(chosen))
         assert self.classifier is not None
         journal = Journal(batch=batch_id, phase=PHASE_CLAIMED, worker=self.s.worker_name,
-                          model=self.classifier.identity, items=items)
+                          model=self.classifier.identity, items=items, **self._origin)
         path = self.work.journal_path(batch_id)
         early: dict[str, Usable] = {}
         for s in chosen:
@@ -621,8 +647,8 @@ class Service:
             # still says "claimed": settling it puts the files back in the inbox, as the failed
             # batch's were; if even that fails, the retry does it.
             try:
-                settle(batch.path, self.work.dir, inbox=self.s.inbox, output=self.s.output, ledger=self.ledger,
-                       digest=digest_file)
+                self._log_damage(settle(batch.path, self.work.dir, inbox=self.s.inbox, output=self.s.output,
+                                        ledger=self.ledger, digest=digest_file))
             except OSError:
                 self.pending.append(batch.path)
             self.taken.difference_update(it.source for it in batch.journal.items)
@@ -674,6 +700,7 @@ class Service:
             self.taken.difference_update(it.source for it in batch.journal.items)
             return
         self.taken.difference_update(it.source for it in batch.journal.items)
+        self._log_damage(result)
         if self.backoff:
             self.log.info("output available again", output=str(self.s.output))
             self.backoff = 0.0
@@ -733,6 +760,7 @@ class Service:
             try:
                 res = settle(path, self.work.dir, inbox=self.s.inbox, output=self.s.output, ledger=self.ledger,
                              digest=digest_file)
+                self._log_damage(res)
                 for item in res.delivered:
                     self.counts.by_label[item.label] += 1
                     self.metrics.count(item.label, item.error)

@@ -41,7 +41,7 @@ class Daemon:
 
     def __init__(self, root: Path, *, name: str = "daemon", inbox: Path | None = None, output: Path | None = None,
                  settings: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-                 args: Iterable[str] = ()) -> None:
+                 args: Iterable[str] = (), wrap: Iterable[str] = ()) -> None:
         self.root = root
         self.name = name
         self.inbox = inbox or root / "inbox"
@@ -54,6 +54,7 @@ class Daemon:
         self.config.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in base.items()))
         self.env = env or {}
         self.args = list(args)
+        self.wrap = list(wrap)  # a command that execs the rest in place (same pid), e.g. a UTS namespace
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
         self.notifications: list[str] = []
@@ -72,7 +73,7 @@ class Daemon:
         self.lines = []
         self.notifications = self._listener.messages
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bikewatch", "run", "--config", str(self.config), *self.args],
+            [*self.wrap, sys.executable, "-m", "bikewatch", "run", "--config", str(self.config), *self.args],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             encoding="utf-8", errors="replace",
         )
