@@ -1,7 +1,8 @@
 """A corrections round as a user would do it, on photos no model here has seen.
 
 train/ is split into A (base model's training photos) and B (bikes kept away from it). User-like
-photos of B's bikes (``augment.USER_SPEC``, written as JPEG files) are the dump: the base model
+photos of B's bikes (``augment.USER_SPEC``, or ``--spec framed``: bikes filling the frame;
+written as JPEG files) are the dump: the base model
 sorts them into OUTPUT/mountain|road with a real CSV log, every misfiled photo is moved to its
 right folder, and ``bikewatch train OUTPUT --fine-tune BASE --log CSV --out NEW`` runs, with the
 original photos (A) and, a second time, without them. Both models are then measured on the
@@ -74,6 +75,7 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/bikes")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bikewatch-corrections"))
     ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--spec", default="user", help="view family of the dump: user (augment.USER_SPEC) or framed")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
@@ -88,9 +90,10 @@ def main() -> int:
     bikewatch("train", str(args.work / "A"), "--out", str(base), "--val-split", "0.15", "--seed", str(args.seed))
 
     srcs = T.load_sources(data.paths)
-    dump = write_views(make_views([srcs[i] for i in dump_b], 4, 50 + args.seed, USER_SPEC), data.y[dump_b],
+    spec = USER_SPEC if args.spec == "user" else args.spec
+    dump = write_views(make_views([srcs[i] for i in dump_b], 4, 50 + args.seed, spec), data.y[dump_b],
                        args.work / "dump", "d")
-    other = write_views(make_views([srcs[i] for i in other_b], 4, 60 + args.seed, USER_SPEC), data.y[other_b],
+    other = write_views(make_views([srcs[i] for i in other_b], 4, 60 + args.seed, spec), data.y[other_b],
                         args.work / "other", "o")
     test = []
     for p, y in T.list_class_files(args.data / "test"):

@@ -30,10 +30,10 @@ from bikewatch.augment import USER_SPEC, make_views  # noqa: E402
 
 RECIPES = {
     "seed-aug": None,  # the project's previous recipe: Keras layer augmentation, Adam, 20 epochs
-    "composite": T.DEFAULT_RECIPE,
-    "composite-nols": replace(T.DEFAULT_RECIPE, name="composite-nols", label_smoothing=0.0),
-    "composite-e70": replace(T.DEFAULT_RECIPE, name="composite-e70", epochs=70),
-    "composite-v6": replace(T.DEFAULT_RECIPE, name="composite-v6", views=6),
+    # the first try: all of augment.TRAIN_SPEC (bikes down to 55% of the frame), no warm-up
+    "composite": replace(T.DEFAULT_RECIPE, name="composite", spec="train", epochs=40, warmup=0, p_clean=0.15),
+    "framed-warm": T.DEFAULT_RECIPE,  # the chosen default: augment.FRAMED_SPEC, 8 warm-up epochs, 50 epochs
+    "framed-warm-nols": replace(T.DEFAULT_RECIPE, name="framed-warm-nols", label_smoothing=0.0),
 }
 
 
@@ -56,7 +56,13 @@ def main() -> int:
     ap.add_argument("--user-views", type=int, default=4)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/bikewatch-recipes"))
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--card", type=Path, help="also merge the figures into this model card under 'kfold'")
+    ap.add_argument("--from-json", type=Path, nargs="+", help="merge these earlier --json reports into --card; no training")
     args = ap.parse_args()
+    if args.from_json:
+        for path in args.from_json:
+            merge_into_card(args.card, json.loads(path.read_text()))
+        return 0
     args.cache.mkdir(parents=True, exist_ok=True)
 
     data = T.load_dataset(args.data)
@@ -93,8 +99,8 @@ def main() -> int:
         for s in seeds:
             views = None
             if recipe is not None:
-                views = cached(args.cache / f"train-v{recipe.views}-s{s}.npz",
-                               lambda: T.make_training_views(data, recipe.views, 1000 + s))
+                views = cached(args.cache / f"train-{recipe.spec}-v{recipe.views}-s{s}.npz",
+                               lambda: T.make_training_views(data, recipe.views, 1000 + s, recipe.spec))
             folds = T.stratified_folds(data.y, args.folds, s)
             if args.max_folds:
                 folds = folds[: args.max_folds]
@@ -136,7 +142,17 @@ def main() -> int:
         print(name, json.dumps(summary), flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.card:
+        merge_into_card(args.card, report)
     return 0
+
+
+def merge_into_card(path: Path, report: dict) -> None:
+    card = json.loads(path.read_text())
+    kfold = card.setdefault("kfold", {"how": " ".join(__doc__.split("\n\n")[1].split()), "recipes": {}})
+    kfold.update({k: v for k, v in report.items() if k != "recipes"})
+    kfold["recipes"].update(report["recipes"])
+    path.write_text(json.dumps(card, indent=2) + "\n")
 
 
 if __name__ == "__main__":

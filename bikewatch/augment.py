@@ -178,6 +178,10 @@ class ViewSpec:
 
 
 TRAIN_SPEC = ViewSpec()
+FRAMED_SPEC = ViewSpec(p_background=0.5, fill=(0.7, 1.05), aspect=(1.0, 2.0))
+"""Like TRAIN_SPEC, but the bike fills most of the frame, as in catalogue and review photos:
+the 64x64 CNN could not learn bikes at 55% of the frame from 180 photos in 40 epochs."""
+SPECS = {"train": TRAIN_SPEC, "framed": FRAMED_SPEC}
 USER_SPEC = ViewSpec(p_background=0.7, backgrounds=ALL_BACKGROUNDS, fill=(0.6, 1.05), aspect=(0.9, 2.0),
                      p_gray=0.1, p_dark=0.3, p_blur=0.3, p_jpeg=0.6)
 """The validation's idea of a user's photo: more often on a background (one family unseen in
@@ -235,9 +239,10 @@ def make_view(src: Source, rng: np.random.Generator, spec: ViewSpec = TRAIN_SPEC
     return to_input(canvas)
 
 
-def make_views(sources: list[Source], per_source: int, seed: int, spec: ViewSpec = TRAIN_SPEC) -> np.ndarray:
+def make_views(sources: list[Source], per_source: int, seed: int, spec: ViewSpec | str = TRAIN_SPEC) -> np.ndarray:
     """``per_source`` views of each source, shape (len(sources), per_source, 64, 64, 3); seeded."""
     rng = np.random.default_rng(seed)
+    spec = SPECS[spec] if isinstance(spec, str) else spec
     out = np.zeros((len(sources), per_source, 64, 64, 3), dtype=np.float32)
     for i, src in enumerate(sources):
         for j in range(per_source):

@@ -95,12 +95,14 @@ def fine_tune(
         echo("fine-tune: the original training photos are not at hand (give --original DIR); training on the output "
              "folder alone, which forgets more")
     n_corr = int(train_corr.sum())
-    weight = float(np.clip(0.2 * len(train) / max(n_corr, 1), 3.0, 10.0))
+    # the corrections together weigh about a fifth of everything else (a few photos must count,
+    # but a run full of corrections, all in the model's error direction, must not tilt it)
+    weight = float(np.clip(0.25 * (len(train) - n_corr) / max(n_corr, 1), 1.0, 10.0))
     weights = np.where(train_corr, weight, 1.0).astype(np.float32)
     echo(f"fine-tune: {len(train)} photos ({n_corr} corrections weighted x{weight:.1f}); guarding against "
          f"forgetting on {guard}")
 
-    views = make_training_views(train, recipe.views, seed)
+    views = make_training_views(train, recipe.views, seed, recipe.spec)
     corr_x, corr_y = train.x[train_corr], train.y[train_corr]
     if len(held):
         user = make_views(load_sources(held.paths), 2, seed + 7, USER_SPEC).reshape(-1, 64, 64, 3)
@@ -114,9 +116,12 @@ def fine_tune(
     before = {"corrections": _acc(model, corr_x, corr_y, mirror), "held_out": _acc(model, held_x, held_y, mirror)}
     best: dict[str, Any] = {"epoch": 0, "weights": model.get_weights(), **before}
 
+    # "no worse than before" on the held-out part, give or take one of its views
+    tolerance = 1.0 / len(held_y) if len(held_y) else 0.0
+
     def on_epoch(epoch: int, m: Any) -> bool:
         now = {"corrections": _acc(m, corr_x, corr_y, mirror), "held_out": _acc(m, held_x, held_y, mirror)}
-        kept = not len(held_y) or now["held_out"] >= before["held_out"]
+        kept = not len(held_y) or now["held_out"] >= before["held_out"] - tolerance
         if kept and (now["corrections"], now["held_out"]) > (best["corrections"], best["held_out"]):
             best.update(epoch=epoch + 1, weights=m.get_weights(), **now)
         echo(f"  epoch {epoch + 1}: corrections {now['corrections']:.3f}, held-out {now['held_out']:.3f}"
@@ -124,11 +129,13 @@ def fine_tune(
         return bool(best["corrections"] >= 1.0 and kept and epoch >= 2)
 
     ft = replace(recipe, learning_rate=recipe.learning_rate / 4)
-    fit_views(views, train.y, ft, seed=seed, initial=model, weights=weights, epochs=epochs or 20, on_epoch=on_epoch)
+    fit_views(views, train.y, ft, seed=seed, initial=model, weights=weights, epochs=epochs or 25, on_epoch=on_epoch,
+              clean_share=np.where(train_corr, 0.5, recipe.p_clean))
     model.set_weights(best["weights"])
     report = {
         "photos": len(train), "corrections_in_training": n_corr, "correction_weight": weight,
-        "original_data": original is not None, "guard": guard, "held_out_photos": len(held), "kept_epoch": best["epoch"],
+        "original_data": original is not None, "guard": guard, "held_out_photos": len(held),
+        "kept_epoch": best["epoch"], "held_out_tolerance": tolerance,
         "before": before, "after": {"corrections": best["corrections"], "held_out": best["held_out"]},
     }
     echo(f"fine-tune: corrections {before['corrections']:.3f} -> {best['corrections']:.3f}, held-out "

