@@ -72,6 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         card = train_command(
             args.data_dir, args.out, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
             val_split=args.val_split, augment=not args.no_augment, base=base, original=args.original, log=args.log,
+            temperature=args.temperature,
         )
     except (FileNotFoundError, ValueError) as exc:
         return _fail(str(exc))
@@ -281,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "names, when present), trained on together with DATA_DIR so nothing is forgotten")
     p.add_argument("--val-split", type=float, default=0.2, help="fraction held out for the model card's metrics")
     p.add_argument("--no-augment", action="store_true", help="train on the photos as they are (flips only)")
+    p.add_argument("--temperature", type=float, metavar="T",
+                   help="fold this confidence temperature into the model instead of fitting one on the validation "
+                        "split (e.g. the out-of-fold one printed by benchmarks/recipes.py)")
     p.add_argument("--fine-tune", metavar="MODEL", nargs="?", const="default",
                    help="start from MODEL (default: the embedded model) instead of random weights")
     p.add_argument("--log", type=Path, metavar="CSV",

@@ -291,9 +291,6 @@ def card_path(model_path: Path) -> Path:
     return model_path.with_name(model_path.stem + ".card.json")
 
 
-KFOLD_TEMPERATURE = 1.0
-"""Temperature baked into a model trained without a validation split (``--val-split 0``): the one
-fitted on out-of-fold predictions by ``benchmarks/recipes.py`` for the default recipe."""
 USER_VIEWS_PER_PHOTO = 4
 
 
@@ -328,6 +325,7 @@ def train_command(
     base: Classifier | None = None,
     original: Path | None = None,
     log: Path | None = None,
+    temperature: float | None = None,
     echo: Any = print,
 ) -> dict[str, Any]:
     """Load, split, train (or fine-tune), calibrate, validate, save model and card; returns the card."""
@@ -363,11 +361,13 @@ def train_command(
         views = make_training_views(train, recipe.views, seed, recipe.spec)
         model = fit_views(views, train.y, recipe, seed=seed, verbose=sys.stdout.isatty())
         contract = InputContract(mirror=recipe.mirror)  # type: ignore[arg-type]
-        if len(val):
+        if temperature is not None:
+            calibration = {"temperature": temperature, "fitted_on": "given (--temperature), e.g. the out-of-fold one "
+                           "of benchmarks/recipes.py"}
+        elif len(val):
             calibration = calibrate(model, val, mirror=recipe.mirror, seed=seed)
         else:
-            calibration = {"temperature": KFOLD_TEMPERATURE, "fitted_on": "out-of-fold predictions of "
-                           "benchmarks/recipes.py (no validation split here)"}
+            calibration = {"temperature": 1.0, "fitted_on": "nothing: no validation split and no --temperature"}
         bake_temperature(model, calibration["temperature"])
         extra["calibration"] = calibration
         echo(f"temperature {calibration['temperature']:.3f} ({calibration['fitted_on']})")

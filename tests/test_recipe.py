@@ -179,3 +179,18 @@ def test_fine_tune_learns_the_corrections_and_keeps_the_rest(tmp_path: Path) -> 
     assert (predict_keras(new, fresh.x).argmax(1) == fresh.y).all()
     assert report["corrections_in_training"] == 6 and report["correction_weight"] >= 1
     assert report["held_out_photos"] >= 2 and len(train) == len(output) + len(orig) - report["held_out_photos"]
+
+
+def test_evaluate_kfold_reports_clean_and_user_like_accuracy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from bikewatch.cli import main
+
+    data = colour_set(tmp_path / "d", {"mountain": [(200, 40, 40)], "road": [(40, 40, 200)]}, 4)
+    assert main(["evaluate", str(data), "--kfold", "2", "--epochs", "1", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "fold 1/2" in out and "user-like views" in out
+    result = json.loads(out[out.index("\n{") + 1:])
+    assert result["k"] == 2 and len(result["accuracies"]) == 2 and len(result["user_like_accuracies"]) == 2
+    assert all(0.0 <= a <= 1.0 for a in result["accuracies"] + result["user_like_accuracies"])
+    assert result["recipe"]["epochs"] == 1
