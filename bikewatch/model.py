@@ -80,6 +80,8 @@ class InputContract:
         data = asdict(self)
         data["classes"] = list(self.classes)
         data.pop("extra")
+        if self.mirror == "none":  # contracts written before the key existed read back the same
+            data.pop("mirror")
         return data
 
     @classmethod
