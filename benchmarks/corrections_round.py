@@ -82,7 +82,7 @@ def main() -> int:
     args.work.mkdir(parents=True)
     data = T.load_dataset(args.data / "train")
     folds = T.stratified_folds(data.y, 4, args.seed)
-    b = np.concatenate(folds[:1])  # 50 bikes away from the base model
+    b = np.random.default_rng(args.seed).permutation(folds[0])  # 50 bikes away from the base model, classes mixed
     a = np.setdiff1d(np.arange(len(data)), b)
     dump_b, other_b = b[: len(b) * 3 // 5], b[len(b) * 3 // 5:]
     link_folder([data.paths[i] for i in a], data.y[a], args.work / "A")
