@@ -96,7 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         card = train_command(
             args.data_dir, args.out, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-            val_split=args.val_split, augment=not args.no_augment, base=base,
+            val_split=args.val_split, augment=not args.no_augment, base=base, original=args.original, log=args.log,
+            temperature=args.temperature,
         )
     except (FileNotFoundError, ValueError) as exc:
         return _fail(str(exc))
@@ -300,11 +301,18 @@ def build_parser() -> argparse.ArgumentParser:
             "bikewatch train ../shared/data/bikes/train --out my-bikes.keras")
     p.add_argument("data_dir", type=Path)
     p.add_argument("--out", type=Path, required=True, help="model file to write (.keras); a .card.json goes beside it")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="passes over the photos (default: the recipe's 50; at most 25 when fine-tuning, stopping early)")
+    p.add_argument("--batch-size", type=int, default=None, help="photos per step (default: the recipe's 16)")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--original", type=Path, metavar="DIR",
+                   help="with --fine-tune: the base model's training photos (default: the folder its model card "
+                        "names, when present), trained on together with DATA_DIR so nothing is forgotten")
     p.add_argument("--val-split", type=float, default=0.2, help="fraction held out for the model card's metrics")
-    p.add_argument("--no-augment", action="store_true", help="train on the photos as they are")
+    p.add_argument("--no-augment", action="store_true", help="train on the photos as they are (flips only)")
+    p.add_argument("--temperature", type=float, metavar="T",
+                   help="fold this confidence temperature into the model instead of fitting one on the validation "
+                        "split (e.g. the out-of-fold one printed by benchmarks/recipes.py)")
     p.add_argument("--fine-tune", metavar="MODEL", nargs="?", const="default",
                    help="start from MODEL (default: the embedded model) instead of random weights")
     p.add_argument("--log", type=Path, metavar="CSV",
@@ -323,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir", type=Path)
     _add_model_arg(p)
     p.add_argument("--kfold", type=int, metavar="K", help="K-fold cross-validation of fresh models (the seed used 10)")
-    p.add_argument("--epochs", type=int, default=20, help="epochs per fold with --kfold")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per fold with --kfold (default: the recipe's)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 

@@ -34,6 +34,7 @@ CONTRACT_ENTRY = "bikewatch.json"
 
 ChannelOrder = Literal["RGB", "BGR"]
 Scale = Literal["0..1", "0..255"]
+Mirror = Literal["none", "canonical"]
 
 
 class ModelError(Exception):
@@ -48,6 +49,10 @@ class InputContract:
     channel_order: ChannelOrder = "RGB"
     scale: Scale = "0..255"
     size: int = SIZE
+    mirror: Mirror = "none"
+    """``canonical``: each image is put in its canonical horizontal orientation first
+    (:func:`bikewatch.preprocess.canonical_orientation`), so a photo and its mirror image
+    get the same prediction by construction. Models before it have ``none``."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -59,9 +64,15 @@ class InputContract:
             raise ModelError(f"scale must be '0..1' or '0..255', not {self.scale!r}")
         if self.size != SIZE:
             raise ModelError(f"model input size must be {SIZE}, not {self.size}")
+        if self.mirror not in ("none", "canonical"):
+            raise ModelError(f"mirror must be 'none' or 'canonical', not {self.mirror!r}")
 
     def adapt(self, batch: np.ndarray) -> np.ndarray:
         """Map preprocessor output (N, 64, 64, 3) RGB 0..255 to this model's input."""
+        if self.mirror == "canonical":
+            from bikewatch.preprocess import canonical_orientation
+
+            batch = canonical_orientation(batch)
         out = batch[..., ::-1] if self.channel_order == "BGR" else batch
         if self.scale == "0..1":
             out = out / np.float32(255.0)
@@ -71,6 +82,8 @@ class InputContract:
         data = asdict(self)
         data["classes"] = list(self.classes)
         data.pop("extra")
+        if self.mirror == "none":  # contracts written before the key existed read back the same
+            data.pop("mirror")
         return data
 
     @classmethod
@@ -81,6 +94,7 @@ class InputContract:
                 channel_order=data.get("channel_order", "RGB"),
                 scale=data.get("scale", "0..255"),
                 size=int(data.get("size", SIZE)),
+                mirror=data.get("mirror", "none"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"malformed input contract: {exc}") from exc

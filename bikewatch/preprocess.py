@@ -116,9 +116,47 @@ def _to_array(image: Image.Image) -> np.ndarray:
     image.seek(0)  # animated formats: the first frame
     image.load()
     oriented = ImageOps.exif_transpose(image) or image
-    rgb = to_rgb(oriented)
+    return to_input(to_rgb(oriented))
+
+
+def to_input(rgb: Image.Image) -> np.ndarray:
+    """The whole RGB frame resized to 64x64 (no crop), as float32 0..255: the one resize.
+
+    Training's augmented views go through this too, so they are made exactly like real inputs.
+    """
     resized = rgb.resize((SIZE, SIZE), Image.Resampling.BILINEAR)
     return np.asarray(resized, dtype=np.float32)
+
+
+_MOMENT = (2 * np.arange(SIZE, dtype=np.int64) - (SIZE - 1))  # -63, -61, ..., 61, 63: odd, antisymmetric
+
+
+def mirror_statistic(batch: np.ndarray) -> np.ndarray:
+    """Per image, sum of pixel value x (2*column - 63), in exact integer arithmetic.
+
+    For the mirror image m(x) the statistic is exactly -s(x), whatever the pixels, because
+    the column weights are antisymmetric and integers add without rounding.
+    """
+    ints = np.rint(batch).astype(np.int64)
+    return np.einsum("nhwc,w->n", ints, _MOMENT)
+
+
+def canonical_orientation(batch: np.ndarray) -> np.ndarray:
+    """Mirror each (64, 64, 3) image whose :func:`mirror_statistic` is negative (ties: the
+    lexicographically smaller of the image and its mirror), so an image and its exact mirror
+    give the same array, and so the same prediction, by construction."""
+    batch = np.asarray(batch)
+    if batch.ndim != 4 or len(batch) == 0:
+        return batch
+    s = mirror_statistic(batch)
+    flip = s < 0
+    for i in np.flatnonzero(s == 0):  # symmetric moment: compare the images themselves
+        a, b = batch[i].ravel(), batch[i][:, ::-1].ravel()
+        diff = np.flatnonzero(a != b)
+        flip[i] = bool(len(diff)) and a[diff[0]] > b[diff[0]]
+    out = batch.copy()
+    out[flip] = out[flip][:, :, ::-1]
+    return out
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

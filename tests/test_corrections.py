@@ -140,8 +140,12 @@ def test_train_fine_tune_reports_accuracy_on_corrections(tmp_path: Path, capsys:
     move(out, "road/r0.png", "mountain")
     move(out, "mountain/m0.png", "road")
     model = tmp_path / "fixed.keras"
+    original = tmp_path / "original"
+    for label, color in (("mountain", (200, 60, 40)), ("road", (40, 60, 200))):
+        for i in range(6):
+            imagefactory.png(original / label / f"o{i}.png", color=color, size=(80 + i, 60))
     code = main(["train", str(out), "--out", str(model), "--fine-tune", "--log", str(log), "--epochs", "1",
-                 "--batch-size", "4", "--no-augment"])
+                 "--batch-size", "4", "--no-augment", "--original", str(original)])
     assert code == 0
     said = capsys.readouterr().out
     assert "corrections: 2 photos" in said and "before fine-tuning" in said and "after fine-tuning: " in said
@@ -149,7 +153,9 @@ def test_train_fine_tune_reports_accuracy_on_corrections(tmp_path: Path, capsys:
     corr = card["corrections"]
     assert corr["photos"] == 2 and corr["log"] == str(log)
     assert 0.0 <= corr["accuracy_before"] <= 1.0 and 0.0 <= corr["accuracy_after"] <= 1.0
-    assert card["training"]["samples"] + card["validation"]["count"] == 12
+    ft = card["fine_tuning"]
+    assert ft["original_data"] is True and ft["corrections_in_training"] == 2
+    assert card["training"]["samples"] == 12 + 12 - 2  # output folder + original minus its held-out part
 
 
 def test_train_log_must_exist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

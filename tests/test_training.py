@@ -72,7 +72,7 @@ def test_train_card_describes_the_run(trained: dict, tiny_data: Path) -> None:
     assert card["model"] == "tiny.keras"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", card["created"])
     assert card["contract"]["classes"] == list(CLASSES)
-    assert InputContract.from_json(card["contract"]) == InputContract()
+    assert InputContract.from_json(card["contract"]) == InputContract(mirror="canonical")
     training = card["training"]
     assert training["epochs"] == 3 and training["batch_size"] == 8 and training["seed"] == 1337
     assert training["samples"] == 20 and training["per_class"] == {"mountain": 10, "road": 10}
@@ -90,7 +90,7 @@ def test_trained_model_loads_and_predicts(trained: dict, tiny_data: Path) -> Non
     from bikewatch.model import load_classifier
 
     clf = load_classifier(trained["out"])
-    assert clf.contract == InputContract()
+    assert clf.contract == InputContract(mirror="canonical")
     data = load_dataset(tiny_data)
     probs = clf.predict(data.x)
     assert probs.shape == (len(data), 2)
@@ -109,7 +109,7 @@ def test_train_reports_skipped_files(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "notes.txt" not in out
     card = json.loads((tmp_path / "m.card.json").read_text())
     assert card["training"]["samples"] == 6 and card["validation"] is None
-    assert card["training"]["augmentation"] == "none"
+    assert card["training"]["augmentation"] == "horizontal flip only"
 
 
 def test_train_with_a_missing_class_folder_is_a_usage_error(tmp_path: Path,
