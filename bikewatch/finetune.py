@@ -111,6 +111,8 @@ def fine_tune(
     else:
         held_x, held_y = np.zeros((0, 64, 64, 3), np.float32), np.zeros(0, np.int64)
 
+    if base.keras_model is None:
+        raise ValueError("fine-tuning needs the model's Keras layers: load it with load_classifier(..., backend='keras')")
     model = keras.models.clone_model(base.keras_model)
     model.set_weights(base.keras_model.get_weights())
     before = {"corrections": _acc(model, corr_x, corr_y, mirror), "held_out": _acc(model, held_x, held_y, mirror)}

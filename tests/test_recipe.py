@@ -52,7 +52,7 @@ def test_canonical_contract_predicts_identically_for_a_mirrored_photo(tmp_path: 
 
     keras.utils.set_random_seed(0)
     path = save_model(build_cnn(), tmp_path / "m.keras", InputContract(mirror="canonical"))
-    clf = load_classifier(path)
+    clf = load_classifier(path, backend="keras")  # keras_model is used below
     assert clf.contract.mirror == "canonical"
     photo = imagefactory.save(tmp_path / "a.png", imagefactory.halves((300, 180), imagefactory.RED, imagefactory.BLUE))
     with Image.open(photo) as im:
@@ -156,7 +156,8 @@ def test_fine_tune_learns_the_corrections_and_keeps_the_rest(tmp_path: Path) -> 
     orig = load_dataset(colour_set(tmp_path / "orig", {"mountain": [(200, 40, 40)], "road": [(40, 40, 200)]}, 10))
     recipe = Recipe(views=0, epochs=12, batch_size=8, p_clean=1.0, learning_rate=4e-3)
     model = fit_views(orig.x[:, None], orig.y, recipe, seed=1)
-    base = load_classifier(save_model(model, tmp_path / "base.keras", InputContract(mirror="canonical")))
+    base = load_classifier(save_model(model, tmp_path / "base.keras", InputContract(mirror="canonical")),
+                          backend="keras")  # fine-tuning needs the Keras layers
     assert (base.predict(orig.x).argmax(1) == orig.y).all()
     green = colour_set(tmp_path / "g", {"x": [(40, 200, 40)]}, 6)
     wrong = int(base.predict(np.stack([preprocess_file(p) for p in sorted((green / "x").iterdir())])).argmax(1)[0])
