@@ -227,9 +227,9 @@ def make_view(src: Source, rng: np.random.Generator, spec: ViewSpec = TRAIN_SPEC
     if rng.random() < spec.p_gray:
         canvas = ImageOps.grayscale(canvas).convert("RGB")
     if rng.random() < spec.p_dark:  # under-exposed, old or evening photos
-        arr = np.asarray(canvas, dtype=np.float32) / 255.0
-        arr = arr ** rng.uniform(1.1, 2.0) * rng.uniform(0.55, 0.95)
-        canvas = Image.fromarray(np.clip(arr * 255, 0, 255).astype(np.uint8))
+        unit = np.asarray(canvas, dtype=np.float32) / 255.0
+        dark = unit ** rng.uniform(1.1, 2.0) * rng.uniform(0.55, 0.95)
+        canvas = Image.fromarray(np.clip(dark * 255, 0, 255).astype(np.uint8))
     if rng.random() < spec.p_blur:
         canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.6)))
     if rng.random() < spec.p_jpeg:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from bikewatch.batching import LABEL_REJECTED, decide

@@ -332,8 +332,7 @@ def train_command(
     from dataclasses import replace
 
     recipe = replace(DEFAULT_RECIPE, batch_size=batch_size or DEFAULT_RECIPE.batch_size,
-                     views=DEFAULT_RECIPE.views if augment else 0,
-                     **({"epochs": epochs} if epochs else {}))
+                     views=DEFAULT_RECIPE.views if augment else 0, epochs=epochs or DEFAULT_RECIPE.epochs)
     data = load_dataset(data_dir)
     for path, why in data.skipped:
         echo(f"skipped {path}: {why}")
@@ -361,6 +360,7 @@ def train_command(
         views = make_training_views(train, recipe.views, seed, recipe.spec)
         model = fit_views(views, train.y, recipe, seed=seed, verbose=sys.stdout.isatty())
         contract = InputContract(mirror=recipe.mirror)  # type: ignore[arg-type]
+        calibration: dict[str, Any]
         if temperature is not None:
             calibration = {"temperature": temperature, "fitted_on": "given (--temperature), e.g. the out-of-fold one "
                            "of benchmarks/recipes.py"}
@@ -368,7 +368,7 @@ def train_command(
             calibration = calibrate(model, val, mirror=recipe.mirror, seed=seed)
         else:
             calibration = {"temperature": 1.0, "fitted_on": "nothing: no validation split and no --temperature"}
-        bake_temperature(model, calibration["temperature"])
+        bake_temperature(model, float(calibration["temperature"]))
         extra["calibration"] = calibration
         echo(f"temperature {calibration['temperature']:.3f} ({calibration['fitted_on']})")
         metrics = evaluate_keras(model, val, mirror=recipe.mirror) if len(val) else None
@@ -392,7 +392,7 @@ def kfold_command(data_dir: Path, k: int, *, epochs: int | None, seed: int, echo
 
     from bikewatch.augment import USER_SPEC, make_views
 
-    recipe = replace(DEFAULT_RECIPE, **({"epochs": epochs} if epochs else {}))
+    recipe = replace(DEFAULT_RECIPE, epochs=epochs or DEFAULT_RECIPE.epochs)
     data = load_dataset(data_dir)
     smallest = min(int((data.y == i).sum()) for i in range(len(CLASSES)))
     if smallest < k:
