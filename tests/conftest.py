@@ -78,3 +78,12 @@ def shared_test_photos(shared: Path) -> list[tuple[Path, str]]:
     for label in ("mountain", "road"):
         out += [(p, label) for p in sorted((SHARED_BIKES / "test" / label).glob("*.jpg"))]
     return out
+
+
+@pytest.fixture
+def daemons():
+    """Daemons (``harness.Daemon``) started by a test; whatever is still running at teardown is killed."""
+    started: list = []
+    yield started
+    for d in started:
+        d.stop_quietly()

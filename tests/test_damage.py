@@ -24,11 +24,12 @@ import pytest
 
 from bikewatch.batching import digest_file
 from bikewatch.journal import (
-    LOCK_NAME, PHASE_CLAIMED, PHASE_DECIDED, Item, Journal, JournalDamaged, WorkArea, claim, read_journal,
+    LOCK_NAME, PHASE_CLAIMED, Item, Journal, JournalDamaged, WorkArea, claim, read_journal,
     recover_dir, write_journal,
 )
 from bikewatch.ledger import Ledger
 from harness import Daemon, read_csv, wait_until
+from journals import decided_by_hand
 from photos import check_nothing_lost, hash_multiset, move_in, photo_bytes, work_leftovers, write_photos
 
 QUARANTINED = "damaged batch journal moved to quarantine; its photos are kept"
@@ -147,11 +148,7 @@ def test_a_cut_off_decided_journal_finishes_the_whole_items_as_decided(env: Env)
     folder = dead_folder(env.state, "dead", env.inbox, {"b": batch})
     (path,) = folder.glob("*.json")
     j = read_journal(path)
-    j = replace(j, phase=PHASE_DECIDED, items=tuple(
-        replace(it, label="mountain", p_mountain=0.9, p_road=0.1, sha256=digest_file(folder / it.key),
-                size=(folder / it.key).stat().st_size, mtime_ns=(folder / it.key).stat().st_mtime_ns,
-                timestamp="2026-01-01T00:00:00.000+00:00", dest=f"mountain/{it.source}")
-        for it in j.items))
+    j = decided_by_hand(j, folder, "mountain")
     write_journal(path, j)
     os.rename(folder / j.items[0].key, env.output / "mountain" / "D0.jpg")  # placed before the crash, no row
     damage(folder, ["cut-off"])
@@ -221,14 +218,6 @@ def test_csv_ids_are_found_through_damage_elsewhere_in_the_file(tmp_path: Path) 
 
 
 # --------------------------------------------------------------------------- real daemons
-
-
-@pytest.fixture
-def daemons():
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.stop_quietly()
 
 
 KINDS = ["empty", "cut-off", "garbage", "nuls", "wrong-shape", "escaping-path"]

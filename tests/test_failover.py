@@ -17,7 +17,6 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,10 +24,11 @@ import pytest
 from bikewatch.batching import digest_file
 from bikewatch.failover import locate_ledger, origin
 from bikewatch.journal import (
-    LOCK_NAME, PHASE_CLAIMED, PHASE_DECIDED, Item, Journal, WorkArea, claim, recover_dir, row_for, write_journal,
+    LOCK_NAME, PHASE_CLAIMED, Item, Journal, WorkArea, claim, recover_dir, row_for, write_journal,
 )
 from bikewatch.ledger import Ledger
 from harness import Daemon, read_csv, wait_until
+from journals import decided_by_hand
 from photos import check_nothing_lost, hash_multiset, move_in, photo_bytes, work_leftovers, write_photos
 
 FAST = {"settle_seconds": 0.2, "closed_settle_seconds": 0.05, "max_wait_ms": 20, "rescan_seconds": 1.0,
@@ -53,14 +53,6 @@ def on_host(name: str) -> list[str]:
 
 
 needs_uts = pytest.mark.skipif(bool(uts_available()), reason=uts_available() or "ok")
-
-
-@pytest.fixture
-def daemons():
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.stop_quietly()
 
 
 # --------------------------------------------------------------------------- a dead worker, by hand
@@ -106,11 +98,7 @@ def dead_worker(site: Site, *, host: str, name: str, photos: dict[str, bytes], s
     journal = claim(site.inbox, folder, Journal(batch=batch, phase=PHASE_CLAIMED, worker=name, model="m@1",
                                                 items=items, **where), path)
     if stage != "claimed":
-        journal = replace(journal, phase=PHASE_DECIDED, items=tuple(
-            replace(it, label="road", p_mountain=0.2, p_road=0.8, sha256=digest_file(folder / it.key),
-                    size=(folder / it.key).stat().st_size, mtime_ns=(folder / it.key).stat().st_mtime_ns,
-                    timestamp="2026-01-01T00:00:00.000+00:00", dest=f"road/{it.source}")
-            for it in journal.items))
+        journal = decided_by_hand(journal, folder, "road")
         write_journal(path, journal)
     if stage in ("placed", "recorded"):
         for it in journal.items:

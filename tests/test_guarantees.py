@@ -42,15 +42,6 @@ FAST = {"settle_seconds": 0.2, "closed_settle_seconds": 0.05, "max_wait_ms": 20,
 
 
 @pytest.fixture
-def daemons():
-    """Daemons started by a test; whatever is still running at teardown is killed."""
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.stop_quietly()
-
-
-@pytest.fixture
 def tmpfs(tmp_path: Path):
     """``tmpfs(name, size)`` mounts a fresh tmpfs at tmp_path/name; skips when mounting is not allowed."""
     mounted: list[Path] = []

@@ -16,7 +16,6 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -114,14 +113,6 @@ def _daemon(tmp_path: Path, view: View, host: str, daemons: list[Daemon], **extr
                          "poll_interval_seconds": 0.5, **extra})
     daemons.append(d)
     return d
-
-
-@pytest.fixture
-def daemons():
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.stop_quietly()
 
 
 def test_the_mount_host_dies_after_its_csv_fsync_and_the_server_host_finishes_once(
