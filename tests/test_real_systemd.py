@@ -91,14 +91,33 @@ systemctl enable bikewatch
 """
 
 # Asks the kernel for one writable+executable mapping: under MemoryDenyWriteExecute=yes it must fail.
-WX_PROBE = (  # no single quotes in here: it goes inside sh -c '...'
-    "import mmap\n"
-    "try:\n"
-    "    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
-    "    print(\"allowed\")\n"
-    "except OSError as exc:\n"
-    "    print(\"refused\", exc.errno)\n"
-)
+WX_PROBE = """\
+import mmap
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    print("wx-probe: allowed", flush=True)
+except OSError as exc:
+    print("wx-probe: refused", exc.errno, flush=True)
+"""
+# A copy of the installed unit, sandbox and all, that runs WX_PROBE instead of the daemon; then
+# the same with only MemoryDenyWriteExecute=no added in a drop-in (the control: the probe can tell).
+PROBE_UNIT = "bikewatch-wxprobe.service"
+PROBE_SCRIPT = r"""
+set -eu
+cd /etc/systemd/system
+sed -e 's|^ExecStart=.*|ExecStart=/opt/bikewatch/.venv/bin/python3 /srv/bikewatch/wxprobe.py|' \
+    -e 's|^Type=notify$|Type=oneshot|' bikewatch.service > bikewatch-wxprobe.service
+grep -qx 'ExecStart=/opt/bikewatch/.venv/bin/python3 /srv/bikewatch/wxprobe.py' bikewatch-wxprobe.service
+grep -qx 'Type=oneshot' bikewatch-wxprobe.service
+systemctl daemon-reload
+systemctl start bikewatch-wxprobe.service
+mkdir bikewatch-wxprobe.service.d
+printf '[Service]\nMemoryDenyWriteExecute=no\n' > bikewatch-wxprobe.service.d/open.conf
+systemctl daemon-reload
+systemctl start bikewatch-wxprobe.service
+rm -r bikewatch-wxprobe.service bikewatch-wxprobe.service.d
+systemctl daemon-reload
+"""
 
 
 def _why_not() -> str | None:
@@ -235,8 +254,8 @@ class Machine:
         out = self.sh(f"cat /sys/fs/cgroup/system.slice/{UNIT}/cgroup.procs", check=False).stdout
         return [int(p) for p in out.split()]
 
-    def journal(self) -> str:
-        return self.sh(f"journalctl -u {UNIT} -o cat --no-pager", check=False).stdout
+    def journal(self, unit: str = UNIT) -> str:
+        return self.sh(f"journalctl -u {unit} -o cat --no-pager", check=False).stdout
 
     def host_path(self, inside: str) -> Path:
         """Where a path under /srv/bikewatch in the container is on the host."""
@@ -330,12 +349,15 @@ def test_service_lifecycle_under_real_systemd(machine: Machine) -> None:
     assert re.search(r"^NoNewPrivs:\s+1$", status, re.M), status
     assert re.search(r"^CapEff:\s+0+$", status, re.M), status
     assert re.search(r"^Uid:\s+850\s", status, re.M), status
-    py = "/opt/bikewatch/.venv/bin/python3"
-    probe = "systemd-run --wait --pipe --quiet -p User=bikewatch {props} " + py + " -c '" + WX_PROBE + "'"
-    denied = m.sh(probe.format(props="-p MemoryDenyWriteExecute=yes")).stdout.strip()
-    allowed = m.sh(probe.format(props="")).stdout.strip()
-    assert allowed == "allowed", f"the probe cannot even map W+X memory without the setting: {allowed!r}"
-    assert denied.startswith("refused"), f"MemoryDenyWriteExecute=yes did not refuse W+X memory: {denied!r}"
+    # The probe under the unit's own sandbox (a copy of it), then with W^X off in a drop-in.
+    (m.srv / "wxprobe.py").write_text(WX_PROBE)
+    m.sh(PROBE_SCRIPT)
+    probes = wait_until(lambda: len(r := re.findall(r"^wx-probe: .*$", m.journal(PROBE_UNIT), re.M)) >= 2 and r,
+                        timeout=30, what="both W^X probes' lines in the journal")
+    assert probes[0].startswith("wx-probe: refused"), f"the unit's sandbox allowed W+X memory: {probes}"
+    assert probes[1] == "wx-probe: allowed", f"the probe maps no W+X memory even without W^X: {probes}"
+    (m.srv / "wxprobe.py").unlink()
+    m.figures["W^X"] = f"the unit's sandbox: {probes[0]!r}; with MemoryDenyWriteExecute=no: {probes[1]!r}"
 
     # --- a camera dump: every file in exactly one place, exactly one CSV row each --------------
     staging = m.srv / "staging"
@@ -354,7 +376,10 @@ def test_service_lifecycle_under_real_systemd(machine: Machine) -> None:
 
     def all_sorted() -> bool:
         waiting = [e for e in os.listdir(inbox) if not e.startswith(".")]
-        return not waiting and csv_path.exists() and len(read_csv(csv_path)) >= PHOTOS + 1
+        if waiting or not csv_path.exists():
+            return False
+        rows = read_csv(csv_path)  # complete rows only: a batch's rows are appended in one write
+        return len(rows) >= PHOTOS + 1 and all(len(r.get("sha256") or "") == 64 for r in rows)
 
     wait_until(all_sorted, timeout=120, interval=0.05, what=f"{PHOTOS + 1} files sorted with CSV rows")
     elapsed = time.monotonic() - first
