@@ -73,13 +73,17 @@ exec systemd-nspawn --quiet -D "$T/root" --boot --register=no --keep-unit --mach
     systemd.unit=basic.target
 """
 
-# README.md, "Install as a systemd service" (run in the source folder, as root).
+# README.md, "Install as a systemd service" (run in the source folder, as root). The container is
+# a copy of this host: should bikewatch be installed here already, its copy is replaced (and its
+# drop-ins removed), so the test always runs this checkout with the shipped unit alone.
 INSTALL_SCRIPT = r"""
 set -eu
 cd /root/bikewatch-src
-groupadd --system --gid 850 bikewatch
-useradd --system --uid 850 --gid bikewatch --home-dir /var/lib/bikewatch --no-create-home \
-        --shell /usr/sbin/nologin bikewatch
+getent group bikewatch > /dev/null || groupadd --system --gid 850 bikewatch
+id bikewatch > /dev/null 2>&1 || useradd --system --uid 850 --gid bikewatch --home-dir /var/lib/bikewatch \
+        --no-create-home --shell /usr/sbin/nologin bikewatch
+test "$(id -u bikewatch):$(id -g bikewatch)" = 850:850
+rm -rf /opt/bikewatch/.venv /etc/systemd/system/bikewatch.service.d
 python3 -m venv /opt/bikewatch/.venv
 /opt/bikewatch/.venv/bin/pip install --quiet --disable-pip-version-check . 2>&1 | grep -v 'is ignored' || true
 /opt/bikewatch/.venv/bin/bikewatch --help > /dev/null
