@@ -35,6 +35,7 @@ information only: this machine is shared, nothing is asserted on them.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import re
 import shutil
@@ -67,6 +68,9 @@ mount -t tmpfs -o mode=0755 bikewatch-layer "$T/layer"
 mkdir "$T/layer/upper" "$T/layer/work"
 mount -t overlay overlay -o "lowerdir=/,upperdir=$T/layer/upper,workdir=$T/layer/work" "$T/root"
 mount -t tmpfs -o mode=0755 bikewatch-nspawn-run /run
+# A cgroup of its own in the host's cgroup2 tree, so that two containers (two suites at once)
+# never share one: with --keep-unit nspawn puts the container in the cgroup it was started in.
+if [ -n "${CG:-}" ] && mkdir "$CG" 2>/dev/null; then echo $$ > "$CG/cgroup.procs"; fi
 export SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1
 exec systemd-nspawn --quiet -D "$T/root" --boot --register=no --keep-unit --machine="$NAME" \
     --console=pipe --bind="$SRVDIR:/srv/bikewatch" --bind="$SRC:/root/bikewatch-src" \
@@ -154,6 +158,9 @@ class Machine:
         self.srv = base / "srv"  # /srv/bikewatch inside
         self.src = base / "src"  # /root/bikewatch-src inside
         self.name = f"bikewatch-test-{os.getpid()}"
+        unified = next((p for p in (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
+                        if (p / "cgroup.procs").exists() and (p / "cgroup.subtree_control").exists()), None)
+        self.cgroup = unified / self.name if unified is not None else None  # see BOOT_SCRIPT
         self.log_path = base / "nspawn.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.leader = 0  # the container's PID 1, as the host sees it
@@ -171,7 +178,8 @@ class Machine:
             self.proc = subprocess.Popen(
                 ["unshare", "-m", "--propagation", "private", "bash", "-c", BOOT_SCRIPT, "boot",
                  str(self.base), str(self.srv), str(self.src), self.name],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "CG": str(self.cgroup or "")})
         try:
             self.leader = wait_until(self._find_leader, timeout=30, interval=0.05,
                                      what="the container's systemd to start")
@@ -234,6 +242,12 @@ class Machine:
         if self.mnt_ns:  # the overlay lives exactly as long as a process in that namespace does
             wait_until(lambda: not _in_namespace(self.mnt_ns), timeout=15,
                        what=f"the last process of the overlay's mount namespace {self.mnt_ns} to exit")
+        if self.cgroup is not None and self.cgroup.is_dir():  # empty now: remove it, deepest first
+            for sub in sorted((d for d in self.cgroup.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)):
+                with contextlib.suppress(OSError):
+                    sub.rmdir()
+            with contextlib.suppress(OSError):
+                self.cgroup.rmdir()
 
     # ----- commands inside ---------------------------------------------------------------
 
