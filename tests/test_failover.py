@@ -115,11 +115,14 @@ def hashes(photos: dict[str, bytes]) -> collections.Counter[str]:
     return collections.Counter(hashlib.sha256(data).hexdigest() for data in photos.values())
 
 
-def recover_here(site: Site, work: WorkArea, ledger: Ledger):
-    results = []
-    for folder in work.orphaned_dirs():
-        results.append(recover_dir(folder, inbox=site.inbox, output=site.output, ledger=ledger, digest=digest_file))
-    return results
+def recover_here(site: Site, ledger: Ledger):
+    """What worker alpha's start-up does on this host: take over every dead folder, recover each."""
+    work = WorkArea(site.inbox / ".bikewatch", "alpha")
+    try:
+        return [recover_dir(folder, inbox=site.inbox, output=site.output, ledger=ledger, digest=digest_file)
+                for folder in work.orphaned_dirs()]
+    finally:
+        work.close()
 
 
 @pytest.mark.parametrize("stage", ["claimed", "decided", "placed", "recorded"])
@@ -130,11 +133,7 @@ def test_another_host_finishes_a_dead_workers_batch_into_its_csv(tmp_path: Path,
     folder, items = dead_worker(site, host="host-b", name="bravo", photos=photos, stage=stage)
     rows_before = len(read_csv(site.csv("host-b")))
     ours = Ledger(site.csv("here"))
-    work = WorkArea(site.inbox / ".bikewatch", "alpha")
-    try:
-        (res,) = recover_here(site, work, ours)
-    finally:
-        work.close()
+    (res,) = recover_here(site, ours)
     assert not folder.exists() and not work_leftovers(site.inbox)
     assert not ours.path.exists(), "the dead worker's rows went into the recovering worker's CSV"
     rows = read_csv(site.csv("host-b"))
@@ -162,11 +161,7 @@ def test_a_csv_on_the_dead_hosts_own_disk_falls_back_to_ours_and_says_so(tmp_pat
                                      ledger=private)
         shutil.rmtree(private.parent)  # as seen from here it does not exist at all
         ours = Ledger(site.csv("here"))
-        work = WorkArea(site.inbox / ".bikewatch", "alpha")
-        try:
-            (res,) = recover_here(site, work, ours)
-        finally:
-            work.close()
+        (res,) = recover_here(site, ours)
         assert [b for b, _ in res.fallback] == [items[0].key.rsplit(".", 1)[0]]
         assert "not shared with the inbox" in res.fallback[0][1]
         assert sorted(r["id"] for r in read_csv(ours.path)) == sorted(it.key for it in items)
