@@ -113,6 +113,15 @@ def log(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
+def publish(table: str, result: dict[str, Any], json_path: Path | None) -> int:
+    """Print a bench's table and, when asked, write its figures as JSON; the command's exit status."""
+    print(table)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        log(f"wrote {json_path}")
+    return 0
+
+
 def proc_cpu_seconds(pid: int | str = "self") -> float:
     """utime + stime of a whole process (all threads), from /proc/PID/stat."""
     with open(f"/proc/{pid}/stat") as fh:
@@ -780,11 +789,7 @@ def run_bench(args: argparse.Namespace) -> int:
         del classifier
         result["machine"]["loadavg_end"] = os.getloadavg()[0]
         evaluate_targets(result)
-        print(render_table(result, args))
-        if args.json:
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
-            log(f"wrote {args.json}")
-        return 0
+        return publish(render_table(result, args), result, args.json)
     except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
         print(f"bikewatch: error: {exc}", file=sys.stderr)
         return 1

@@ -24,7 +24,6 @@ orientation 6, saved at quality 92 with their preview (:mod:`bikewatch.camera`).
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import shutil
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bikewatch.bench import (
-    Daemon, RowCounter, best_of, log, measure_end_to_end, source_photos, tree_status_kib, wx_available,
+    Daemon, RowCounter, best_of, log, measure_end_to_end, publish, source_photos, tree_status_kib, wx_available,
 )
 
 SIZE = (4000, 3000)
@@ -227,11 +226,7 @@ def run_camera(args: argparse.Namespace) -> int:
         r["vs_full_decode"] = e2e / limit
         r["targets"] = {"vs_full_decode": r["vs_full_decode"] >= TARGET_VS_FULL_DECODE,
                         "agreement": r["agreement"]["fraction"] >= TARGET_AGREEMENT}
-        print(render(r, batch))
-        if args.json:
-            args.json.write_text(json.dumps(r, indent=2) + "\n")
-            log(f"wrote {args.json}")
-        return 0
+        return publish(render(r, batch), r, args.json)
     except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
         print(f"bikewatch: error: {exc}", file=sys.stderr)
         return 1
