@@ -29,14 +29,14 @@ from PIL import Image, ImageOps
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bikewatch import training as T  # noqa: E402
-from bikewatch.augment import USER_SPEC, make_views  # noqa: E402
-from bikewatch.ledger import Ledger, Row  # noqa: E402
-from bikewatch.model import CLASSES, load_classifier  # noqa: E402
-from bikewatch.preprocess import preprocess_file  # noqa: E402
+from bikewatch.offline import training as T  # noqa: E402
+from bikewatch.offline.augment import USER_SPEC, make_views  # noqa: E402
+from bikewatch.store.ledger import Ledger, Row  # noqa: E402
+from bikewatch.inference.model import CLASSES, load_classifier  # noqa: E402
+from bikewatch.decode.preprocess import preprocess_file  # noqa: E402
 
 
-def link_folder(paths, labels, root: Path) -> Path:  # type: ignore[no-untyped-def]
+def link_folder(paths, labels, root: Path) -> Path:
     for p, y in zip(paths, labels):
         (root / CLASSES[y]).mkdir(parents=True, exist_ok=True)
         os.symlink(Path(p).resolve(), root / CLASSES[y] / Path(p).name)

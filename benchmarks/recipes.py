@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+from typing import Any
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,8 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bikewatch import training as T  # noqa: E402
-from bikewatch.augment import USER_SPEC, make_views  # noqa: E402
+from bikewatch.offline import training as T  # noqa: E402
+from bikewatch.offline.augment import USER_SPEC, make_views  # noqa: E402
 
 RECIPES = {
     "seed-aug": None,  # the project's previous recipe: Keras layer augmentation, Adam, 20 epochs
@@ -37,7 +38,7 @@ RECIPES = {
 }
 
 
-def cached(path: Path, make):  # type: ignore[no-untyped-def]
+def cached(path: Path, make):
     if path.exists():
         return np.load(path)["a"].astype(np.float32)
     a = make()
@@ -79,7 +80,7 @@ def main() -> int:
                 "mirror_flips": float((pu != probs_mirror.argmax(1)).mean())}
 
     if args.seed_model.exists():
-        from bikewatch.model import load_classifier, predict_files
+        from bikewatch.inference.model import load_classifier, predict_files
 
         seed = load_classifier(args.seed_model)
         flat = user.reshape(-1, 64, 64, 3)
@@ -100,7 +101,7 @@ def main() -> int:
             views = None
             if recipe is not None:
                 views = cached(args.cache / f"train-{recipe.spec}-v{recipe.views}-s{s}.npz",
-                               lambda: T.make_training_views(data, recipe.views, 1000 + s, recipe.spec))
+                               lambda: T.make_training_views(data, recipe.views, 1000 + s, recipe.spec))  # noqa: B023
             folds = T.stratified_folds(data.y, args.folds, s)
             if args.max_folds:
                 folds = folds[: args.max_folds]
@@ -111,6 +112,7 @@ def main() -> int:
                     model = T.fit(data.subset(train_idx), epochs=20, seed=s * 100 + i, verbose=0)
                     mirror = "none"
                 else:
+                    assert views is not None
                     model = T.fit_views(views[train_idx], data.y[train_idx], recipe, seed=s * 100 + i)
                     mirror = recipe.mirror
                 xu = user[test_idx].reshape(-1, 64, 64, 3)
@@ -126,8 +128,9 @@ def main() -> int:
         pu_all, y_all = np.concatenate(oof_user), np.concatenate(oof_y)
         temp = T.fit_temperature(pu_all, y_all)
         cal = T.apply_temperature(pu_all, temp)
-        summary = {k: {"mean": float(np.mean([p[k] for p in per_seed])), "sd": float(np.std([p[k] for p in per_seed])),
-                       "per_seed": [p[k] for p in per_seed]} for k in per_seed[0]}
+        summary: dict[str, Any] = {k: {"mean": float(np.mean([p[k] for p in per_seed])),
+                                       "sd": float(np.std([p[k] for p in per_seed])),
+                                       "per_seed": [p[k] for p in per_seed]} for k in per_seed[0]}
         summary["temperature"] = temp
         summary["ece_user_before"] = T.expected_calibration_error(pu_all, y_all)
         summary["ece_user_after"] = T.expected_calibration_error(cal, y_all)

@@ -4,10 +4,13 @@ Usage: python benchmarks/wx_seccomp.py .venv/bin/bikewatch classify photo.jpg
 EPERM for mmap(PROT_WRITE|PROT_EXEC), mprotect/pkey_mprotect(PROT_EXEC) and shmat(SHM_EXEC), as
 systemd 252 installs them; systemd >= 254 uses the kernel's PR_SET_MDWE instead (bikewatch bench).
 """
-import ctypes, os, sys
+import ctypes
+import os
+import sys
 s = ctypes.CDLL("libseccomp.so.2")
 SCMP_ACT_ALLOW = 0x7fff0000
-SCMP_ACT_ERRNO = lambda e: 0x00050000 | (e & 0xffff)
+def SCMP_ACT_ERRNO(e: int) -> int:
+    return 0x00050000 | (e & 0xffff)
 SCMP_CMP_MASKED_EQ = 7
 class Cmp(ctypes.Structure):
     _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]

@@ -30,8 +30,8 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from bikewatch.classify import classify_paths, expand_paths, to_csv, to_json, to_table
-    from bikewatch.model import ModelError, load_classifier
+    from bikewatch.offline.classify import classify_paths, expand_paths, to_csv, to_json, to_table
+    from bikewatch.inference.model import ModelError, load_classifier
 
     paths = expand_paths(args.paths)
     if not paths:
@@ -56,13 +56,13 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 def _needs_tensorflow(purpose: str) -> str | None:
     """One line saying how to install TensorFlow when ``purpose`` needs it and it is missing."""
-    from bikewatch.runtime import TRAIN_EXTRA, tensorflow_installed
+    from bikewatch.inference.runtime import TRAIN_EXTRA, tensorflow_installed
 
     return None if tensorflow_installed() else f"{purpose} needs TensorFlow, which is not installed: {TRAIN_EXTRA}"
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from bikewatch.model import ModelError, convert_model, load_classifier
+    from bikewatch.inference.model import ModelError, convert_model, load_classifier
 
     if (missing := _needs_tensorflow("convert")) is not None:
         return _fail(missing)
@@ -78,8 +78,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from bikewatch.model import ModelError, load_classifier
-    from bikewatch.training import train_command
+    from bikewatch.inference.model import ModelError, load_classifier
+    from bikewatch.offline.training import train_command
 
     if (missing := _needs_tensorflow("train")) is not None:
         return _fail(missing)
@@ -102,8 +102,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         return _fail(str(exc))
     if args.log is not None:  # accuracy on the photos people moved, before and after
-        from bikewatch.corrections import evaluate_corrections
-        from bikewatch.training import write_card
+        from bikewatch.offline.corrections import evaluate_corrections
+        from bikewatch.offline.training import write_card
 
         card["corrections"] = evaluate_corrections(args.log, before=base, after=load_classifier(args.out))
         write_card(card, args.out)
@@ -113,8 +113,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from bikewatch.model import CLASSES, ModelError, load_classifier
-    from bikewatch.training import evaluate, kfold_command, load_dataset
+    from bikewatch.inference.model import CLASSES, ModelError, load_classifier
+    from bikewatch.offline.training import evaluate, kfold_command, load_dataset
 
     try:
         if args.kfold:
@@ -154,7 +154,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bikewatch.service import run_service
+    from bikewatch.service.loop import run_service
 
     return run_service(args)
 
@@ -162,7 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_sort(args: argparse.Namespace) -> int:
     from bikewatch.config import ConfigError, load_settings, validate
     from bikewatch.logs import configure
-    from bikewatch.sorting import run_sort
+    from bikewatch.offline.sorting import run_sort
 
     overrides = {"inbox": args.dir, "output": args.output, "log": args.log, "model": args.model}
     try:
@@ -174,17 +174,11 @@ def cmd_sort(args: argparse.Namespace) -> int:
     return run_sort(settings, dry_run=args.dry_run, progress=sys.stderr.isatty() and not args.no_progress)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from bikewatch.bench import run_bench
-
-    return run_bench(args)
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     from bikewatch.config import ConfigError
-    from bikewatch.corrections import resolve_log
-    from bikewatch.ledger import read_rows
-    from bikewatch.report import parse_since, write_report
+    from bikewatch.offline.corrections import resolve_log
+    from bikewatch.store.ledger import read_rows
+    from bikewatch.offline.report import parse_since, write_report
 
     if args.out.suffix.lower() not in (".png", ".html", ".htm"):
         return _fail(f"--out must end in .png or .html (got {args.out})")
@@ -213,7 +207,7 @@ def cmd_corrections(args: argparse.Namespace) -> int:
     import csv
 
     from bikewatch.config import ConfigError
-    from bikewatch.corrections import find_corrections_in_log, format_table, resolve_log, summary
+    from bikewatch.offline.corrections import find_corrections_in_log, format_table, resolve_log, summary
 
     try:
         log = resolve_log(args.log, args.config)
@@ -237,7 +231,7 @@ def cmd_corrections(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from bikewatch.status import run_status
+    from bikewatch.offline.status import run_status
 
     return run_status(args)
 
@@ -334,12 +328,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs per fold with --kfold (default: the recipe's)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-
-    p = add("bench", cmd_bench, "benchmark: naive loop vs decode/inference roofline vs a real daemon",
-            "bikewatch bench --photos 2000 --json bench.json")
-    from bikewatch.bench import add_arguments as add_bench_arguments
-
-    add_bench_arguments(p)
 
     p = add("report", cmd_report, "contact sheet of sorted photos (least certain first) and rejected files",
             "bikewatch report --config /etc/bikewatch/bikewatch.toml --since today --out today.html")

@@ -58,7 +58,7 @@ def shared() -> Path:
 @pytest.fixture(scope="session")
 def default_classifier():
     """The embedded default model, loaded once per test session."""
-    from bikewatch.model import load_classifier
+    from bikewatch.inference.model import load_classifier
 
     return load_classifier()
 
@@ -66,7 +66,7 @@ def default_classifier():
 @pytest.fixture(scope="session")
 def seed_classifier(shared: Path):
     """The seed notebook's HDF5 model, loaded once per test session (needs ../shared)."""
-    from bikewatch.model import load_classifier
+    from bikewatch.inference.model import load_classifier
 
     return load_classifier(SEED_MODEL)
 

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from bikewatch.bench import toml_value  # one TOML writer for the bench's daemon and the tests'
-from bikewatch.systemd import NotifyListener  # one NOTIFY_SOCKET receiver for them too
+from benchmarks.bench import toml_value  # one TOML writer for the bench's daemon and the tests'
+from bikewatch.testing.notify import NotifyListener  # one NOTIFY_SOCKET receiver for them too
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from bikewatch.batching import digest_file
-from bikewatch.journal import PHASE_DECIDED, Journal
+from bikewatch.decode.prepare import digest_file
+from bikewatch.store.journal import PHASE_DECIDED, Journal
 
 PROBS = {"mountain": (0.9, 0.1), "road": (0.2, 0.8)}
 

@@ -1,10 +1,11 @@
-"""The batch buffer that every batch for the model is stacked into (bikewatch.batching)."""
+"""The batch buffer that every batch for the model is stacked into (bikewatch.decode.prepare)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from bikewatch.batching import BatchBuffer, should_dispatch
+from bikewatch.inference.batch import BatchBuffer
+from bikewatch.service.dispatch import should_dispatch
 
 
 def _arrays(n: int, seed: int) -> list[np.ndarray]:

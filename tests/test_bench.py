@@ -13,7 +13,7 @@ from harness import REPO
 def test_bench_prints_every_measurement(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     res = subprocess.run(
-        [sys.executable, "-m", "bikewatch", "bench", "--photos", "40", "--naive", "10", "--latency-drops", "2",
+        [sys.executable, "-m", "benchmarks.bench", "--photos", "40", "--naive", "10", "--latency-drops", "2",
          "--runs", "2", "--idle-seconds", "1", "--min-seconds", "0.2", "--synthetic", "--workdir", str(tmp_path),
          "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"},

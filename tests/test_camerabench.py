@@ -16,7 +16,7 @@ from harness import REPO
 def test_camera_bench_prints_every_measurement(tmp_path: Path) -> None:
     out = tmp_path / "camera.json"
     res = subprocess.run(
-        [sys.executable, "-m", "bikewatch", "bench", "--camera", "6", "--runs", "2", "--min-seconds", "0.2",
+        [sys.executable, "-m", "benchmarks.bench", "--camera", "6", "--runs", "2", "--min-seconds", "0.2",
          "--synthetic", "--workdir", str(tmp_path), "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=400, env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"},
     )

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import imagefactory as f
-from bikewatch.classify import CSV_COLUMNS, Result, expand_paths, to_csv, to_json, to_table
+from bikewatch.offline.classify import CSV_COLUMNS, Result, expand_paths, to_csv, to_json, to_table
 from bikewatch.cli import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +117,7 @@ def test_exit_status_is_1_when_any_file_failed(mixed: dict) -> None:
 
 
 def test_cli_probabilities_match_the_in_process_classifier(mixed: dict, default_classifier) -> None:
-    from bikewatch.preprocess import preprocess_file
+    from bikewatch.decode.preprocess import preprocess_file
 
     good = [r for r in mixed["rows"] if Path(r["path"]).name in GOOD]
     probs = default_classifier.predict(np.stack([preprocess_file(r["path"]) for r in good]))

@@ -13,9 +13,9 @@ import pytest
 
 import imagefactory
 from bikewatch.cli import main
-from bikewatch.corrections import find_corrections, find_corrections_in_log, latest_per_destination, locate
-from bikewatch.ledger import Ledger, Row, read_rows
-from bikewatch.training import list_class_files
+from bikewatch.offline.corrections import find_corrections, find_corrections_in_log, latest_per_destination, locate
+from bikewatch.store.ledger import Ledger, Row, read_rows
+from bikewatch.offline.training import list_class_files
 
 NOW = "2024-05-02T12:00:00.000+00:00"
 

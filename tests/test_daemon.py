@@ -37,8 +37,8 @@ from typing import Any, Iterator
 import pytest
 from PIL import Image
 
-from bikewatch.journal import PHASE_CLAIMED, PHASE_DECIDED, Item, Journal, write_journal
-from bikewatch.ledger import COLUMNS
+from bikewatch.store.journal import PHASE_CLAIMED, PHASE_DECIDED, Item, Journal, write_journal
+from bikewatch.store.ledger import COLUMNS
 from harness import REPO, Daemon, files_under, read_csv, wait_until
 
 pytestmark = pytest.mark.slow

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from bikewatch.batching import digest_file
-from bikewatch.journal import (
+from bikewatch.decode.prepare import digest_file
+from bikewatch.store.journal import (
     LOCK_NAME, PHASE_CLAIMED, Item, Journal, JournalDamaged, WorkArea, claim, read_journal,
     recover_dir, write_journal,
 )
-from bikewatch.ledger import Ledger
+from bikewatch.store.ledger import Ledger
 from harness import Daemon, read_csv, wait_until
 from journals import decided_by_hand
 from photos import check_nothing_lost, hash_multiset, move_in, photo_bytes, work_leftovers, write_photos
@@ -63,7 +63,7 @@ def dead_folder(state: Path, name: str, inbox: Path, batches: dict[str, dict[str
     folder = state / "work" / f"{name}-999999999-dddddd"
     folder.mkdir(parents=True)
     (folder / LOCK_NAME).write_text(f"{socket.gethostname()} 999999999")  # no such pid: provably dead
-    for n, (batch_name, photos) in enumerate(batches.items(), 1):
+    for n, photos in enumerate(batches.values(), 1):
         for rel, data in photos.items():
             (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
             (inbox / rel).write_bytes(data)
@@ -204,7 +204,7 @@ def test_a_lock_that_is_a_folder_is_judged_by_its_age(env: Env) -> None:
 
 
 def test_csv_ids_are_found_through_damage_elsewhere_in_the_file(tmp_path: Path) -> None:
-    from bikewatch.ledger import Row
+    from bikewatch.store.ledger import Row
 
     ledger = Ledger(tmp_path / "log.csv")
     row = Row(*(["x"] * 11), id="w-1-abc.00000001.0000", worker="w,with \"comma\"")  # type: ignore[misc]
@@ -299,7 +299,7 @@ def test_kill_mid_dump_then_damage_every_journal_left(tmp_path: Path, daemons: l
     d.start()
     move_in(tmp_path / "stage", d.inbox)
     damaged: list[Path] = []
-    for attempt in range(5):
+    for _attempt in range(5):
         target = len(d.rows()) + 16
         wait_until(lambda: len(d.rows()) >= target or len(d.rows()) >= 200, 60, interval=0.002, what="rows")
         d.kill()

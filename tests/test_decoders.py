@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 import imagefactory as img
-from bikewatch.batching import VOUCH_AGE_NS, prepare
-from bikewatch.decoders import CHUNK, NICENESS, DecodePool, Packed, Task, pack, prepare_task, take_size, unpack
+from bikewatch.decode.prepare import VOUCH_AGE_NS, prepare
+from bikewatch.decode.pool import CHUNK, NICENESS, DecodePool, Packed, Task, pack, prepare_task, take_size, unpack
 from harness import Daemon, wait_until
 
 MAX_PIXELS = 100_000_000
@@ -163,7 +163,7 @@ SERVICE = """
 import sys
 from pathlib import Path
 from typing import Any
-from bikewatch.decoders import DecodePool
+from bikewatch.decode.pool import DecodePool
 pool = DecodePool(2)
 assert pool.wait_ready(60)
 print(" ".join(map(str, pool.pids())), flush=True)

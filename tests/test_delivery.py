@@ -1,4 +1,4 @@
-"""No-clobber placement and naming (bikewatch.delivery) on real files.
+"""No-clobber placement and naming (bikewatch.store.delivery) on real files.
 
 The cross-filesystem cases mount a small tmpfs (we normally run as root) and
 skip with the reason when that is not possible.
@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from bikewatch.delivery import (
+from bikewatch.store.delivery import (
     NAME_MAX, copy_durably, fit_name, numbered_name, place, place_numbered, rename_noreplace, safe_basename,
 )
 

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from bikewatch.batching import digest_file
-from bikewatch.failover import locate_ledger, origin
-from bikewatch.journal import (
+from bikewatch.decode.prepare import digest_file
+from bikewatch.store.failover import locate_ledger, origin
+from bikewatch.store.journal import (
     LOCK_NAME, PHASE_CLAIMED, Item, Journal, WorkArea, claim, recover_dir, row_for, write_journal,
 )
-from bikewatch.ledger import Ledger
+from bikewatch.store.ledger import Ledger
 from harness import Daemon, read_csv, wait_until
 from journals import decided_by_hand
 from photos import check_nothing_lost, hash_multiset, move_in, photo_bytes, work_leftovers, write_photos

@@ -518,7 +518,7 @@ def test_a_live_worker_recovers_a_dead_neighbour_without_a_restart(tmp_path: Pat
     """One of two workers dies for good: the survivor finishes its claimed files at its next rescan."""
     import socket as _socket
 
-    from bikewatch.journal import PHASE_CLAIMED, Item, Journal, write_journal
+    from bikewatch.store.journal import PHASE_CLAIMED, Item, Journal, write_journal
 
     d = Daemon(tmp_path, settings={"rescan_seconds": 1.0}).start()
     try:

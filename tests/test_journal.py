@@ -1,4 +1,4 @@
-"""Claim-then-deliver and crash recovery (bikewatch.journal) without the model.
+"""Claim-then-deliver and crash recovery (bikewatch.store.journal) without the model.
 
 Journals are fabricated by hand in the states a crash can leave them in, and
 :func:`settle` / :func:`recover_dir` must finish the batch: every file placed
@@ -21,12 +21,12 @@ from typing import Callable, Iterator
 
 import pytest
 
-from bikewatch.batching import digest_file
-from bikewatch.journal import (
+from bikewatch.decode.prepare import digest_file
+from bikewatch.store.journal import (
     LOCK_NAME, PHASE_CLAIMED, PHASE_DECIDED, DeliveryError, Item, Journal, SettleResult, WorkArea, claim,
     deliver_decided, free_name, journals, read_journal, recover_dir, return_to_inbox, row_for, settle, write_journal,
 )
-from bikewatch.ledger import COLUMNS, Ledger
+from bikewatch.store.ledger import COLUMNS, Ledger
 
 OLD_NS = 1_400_000_000_987_654_321
 
@@ -499,7 +499,7 @@ def test_row_for_uses_absolute_paths(env: Env) -> None:
 
 
 def test_lock_staleness_trusts_pids_here_and_heartbeats_elsewhere() -> None:
-    from bikewatch.journal import lock_is_stale
+    from bikewatch.store.journal import lock_is_stale
 
     me = f"thishost {os.getpid()}"
     assert not lock_is_stale(me, 0.0, host="thishost", now=1e9, stale_after=120)  # alive, however old
@@ -511,7 +511,7 @@ def test_lock_staleness_trusts_pids_here_and_heartbeats_elsewhere() -> None:
 
 
 def test_a_new_work_area_is_never_visible_unlocked(tmp_path: Path) -> None:
-    from bikewatch.journal import WorkArea
+    from bikewatch.store.journal import WorkArea
 
     first = WorkArea(tmp_path, "w1")
     second = WorkArea(tmp_path, "w2")

@@ -1,4 +1,4 @@
-"""The CSV ledger (bikewatch.ledger) on real files, read back with the csv module."""
+"""The CSV ledger (bikewatch.store.ledger) on real files, read back with the csv module."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bikewatch.ledger import COLUMNS, Ledger, Row, read_rows, render
+from bikewatch.store.ledger import COLUMNS, Ledger, Row, read_rows, render
 
 
 def row(i: int, **kw: str) -> Row:

@@ -23,12 +23,12 @@ import imagefactory as f
 from harness import REPO, Daemon, read_csv, wait_until
 from photos import write_photos
 
-from bikewatch.model import (
+from bikewatch.inference.model import (
     CONTRACT_ENTRY, InputContract, ModelError, build_cnn, default_model_path, load_classifier, predict_files,
     save_model,
 )
-from bikewatch.preprocess import preprocess_file
-from bikewatch.runtime import TFLITE_ENTRY, read_tflite
+from bikewatch.decode.preprocess import preprocess_file
+from bikewatch.inference.runtime import TFLITE_ENTRY, read_tflite
 
 WITHOUT_TF = "import sys\nsys.modules['tensorflow'] = None\nsys.modules['keras'] = None\n"
 
@@ -181,7 +181,7 @@ def test_the_daemon_runs_litert_without_tensorflow_and_without_onednn_settings(t
 
 def test_classify_under_wx_gives_the_same_probabilities(tmp_path: Path) -> None:
     """W^X as MemoryDenyWriteExecute=yes imposes it (PR_SET_MDWE before exec): LiteRT needs no JIT."""
-    from bikewatch.bench import deny_write_execute, wx_available
+    from benchmarks.bench import deny_write_execute, wx_available
 
     why = wx_available()
     if why is not None:
@@ -204,7 +204,7 @@ def _custom_op_model() -> bytes:
     """A LiteRT model of the right shapes whose middle operator (Igamma) is a custom op: no kernel of LiteRT's."""
     import tensorflow as tf
 
-    from bikewatch.runtime import native_output_captured
+    from bikewatch.inference.runtime import native_output_captured
 
     @tf.function(input_signature=[tf.TensorSpec([None, 64, 64, 3], tf.float32)])
     def f(x: tf.Tensor) -> tf.Tensor:

@@ -1,4 +1,4 @@
-"""bikewatch.metrics: Prometheus exposition written as a textfile and served over HTTP."""
+"""bikewatch.service.metrics: Prometheus exposition written as a textfile and served over HTTP."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from bikewatch.metrics import Metrics, reason_label
+from bikewatch.service.metrics import Metrics, reason_label
 
 
 def families(text: str) -> dict[str, object]:

@@ -1,4 +1,4 @@
-"""bikewatch.model: the seed architecture, input contracts, and safe loading of real model files."""
+"""bikewatch.inference.model: the seed architecture, input contracts, and safe loading of real model files."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from bikewatch.model import (
+from bikewatch.inference.model import (
     CLASSES,
     CONTRACT_ENTRY,
     SEED_CONTRACT,
@@ -25,7 +25,7 @@ from bikewatch.model import (
     predict_files,
     save_model,
 )
-from bikewatch.preprocess import SIZE, preprocess_file
+from bikewatch.decode.preprocess import SIZE, preprocess_file
 
 keras = pytest.importorskip("keras")
 layers = keras.layers
@@ -465,7 +465,7 @@ def test_the_service_model_leaves_nothing_in_the_temp_folder(tmp_path: Path) -> 
     Autograph writes a .py file per traced function and removes it only at a clean exit;
     os._exit stands in for SIGKILL, an OOM kill or a power cut.
     """
-    code = ("import os, numpy as np\nfrom bikewatch.model import load_classifier\n"
+    code = ("import os, numpy as np\nfrom bikewatch.inference.model import load_classifier\n"
             "print(load_classifier().predict(np.zeros((2, 64, 64, 3), np.float32)).shape, flush=True)\n"
             "os._exit(0)")
     env = {**os.environ, "TMPDIR": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"}

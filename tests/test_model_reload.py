@@ -15,7 +15,7 @@ from harness import Daemon, wait_until
 
 def _flipped_model(src: Path, dst: Path) -> None:
     """Same architecture, last layer's columns swapped: a different model with a different digest."""
-    from bikewatch.model import InputContract, load_classifier, save_model
+    from bikewatch.inference.model import InputContract, load_classifier, save_model
 
     keras_model = load_classifier(src, backend="keras").keras_model
     weights = keras_model.get_weights()
@@ -31,7 +31,7 @@ def _photo(path: Path, seed: int) -> None:
 
 
 def test_model_file_replaced_or_sighup_switches_model(tmp_path: Path) -> None:
-    from bikewatch.model import default_model_path
+    from bikewatch.inference.model import default_model_path
 
     model = tmp_path / "current.keras"
     shutil.copy(default_model_path(), model)
@@ -91,8 +91,8 @@ def test_model_file_replaced_or_sighup_switches_model(tmp_path: Path) -> None:
 def test_a_photo_read_ahead_by_the_previous_model_is_classified_again_by_the_new_one(tmp_path: Path) -> None:
     """Read-ahead keeps probabilities with the model that made them; a switch before the claim discards them,
     and the claimed file is read and classified again, so no row carries the old model's verdict."""
-    from bikewatch.batching import prepare
-    from bikewatch.model import default_model_path, load_classifier
+    from bikewatch.decode.prepare import prepare
+    from bikewatch.inference.model import default_model_path, load_classifier
 
     model = tmp_path / "current.keras"
     shutil.copy(default_model_path(), model)

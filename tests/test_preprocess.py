@@ -1,4 +1,4 @@
-"""bikewatch.preprocess on real files of every kind the factory makes (no TensorFlow here)."""
+"""bikewatch.decode.preprocess on real files of every kind the factory makes (no TensorFlow here)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import imagefactory as f
-from bikewatch.preprocess import (
+from bikewatch.decode.preprocess import (
     DEFAULT_MAX_PIXELS,
     SIZE,
     PreprocessError,

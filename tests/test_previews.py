@@ -1,7 +1,7 @@
-"""Embedded EXIF previews (bikewatch.previews, batching.prepare): used when trustworthy, refused when stale.
+"""Embedded EXIF previews (bikewatch.decode.previews, batching.prepare): used when trustworthy, refused when stale.
 
 Every photo here is a real JPEG made with Pillow, its preview embedded in IFD1 as DCF
-cameras do (bikewatch.camera), and read back by Pillow's own EXIF reader as a check
+cameras do (bikewatch.testing.camera), and read back by Pillow's own EXIF reader as a check
 on that builder.
 """
 
@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageOps
 
-from bikewatch import previews
+from bikewatch.decode import previews
 from harness import wait_until
-from bikewatch.batching import DECODED_FULL, DECODED_PREVIEW, digest_file, prepare
-from bikewatch.camera import as_stored, camera_jpeg, jpeg_bytes, preview_image
-from bikewatch.decoders import DecodePool
-from bikewatch.journal import PHASE_DECIDED, Item, Journal, WorkArea, settle, write_journal
-from bikewatch.ledger import COLUMNS, Ledger, Row, read_rows
-from bikewatch.preprocess import preprocess_bytes
+from bikewatch.decode.prepare import DECODED_FULL, DECODED_PREVIEW, digest_file, prepare
+from bikewatch.testing.camera import as_stored, camera_jpeg, jpeg_bytes, preview_image
+from bikewatch.decode.pool import DecodePool
+from bikewatch.store.journal import PHASE_DECIDED, Item, Journal, WorkArea, settle, write_journal
+from bikewatch.store.ledger import COLUMNS, Ledger, Row, read_rows
+from bikewatch.decode.preprocess import preprocess_bytes
 
 MAX = 100_000_000
 SIZE = (1600, 1200)
@@ -220,7 +220,7 @@ def test_the_decode_workers_report_the_source_and_survive_hostile_headers(tmp_pa
 
 
 def test_pack_and_unpack_keep_the_source(tmp_path: Path) -> None:
-    from bikewatch.decoders import pack, unpack
+    from bikewatch.decode.pool import pack, unpack
 
     p = prepare(write(tmp_path / "a.jpg", camera_jpeg(scene())), "a", max_pixels=MAX, previews=True)
     q = unpack(pack(p))

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bikewatch.batching import COARSE_VOUCH_AGE_NS, VOUCH_AGE_NS, prepare, signature_of
-from bikewatch.preprocess import preprocess_bytes
-from bikewatch.readahead import QUIET_SECONDS, ReadAhead
-from bikewatch.watching import observe
+from bikewatch.decode.prepare import COARSE_VOUCH_AGE_NS, VOUCH_AGE_NS, prepare, signature_of
+from bikewatch.decode.preprocess import preprocess_bytes
+from bikewatch.service.readahead import QUIET_SECONDS, ReadAhead
+from bikewatch.intake.watching import observe
 from harness import Daemon, wait_until
 
 MAX_PIXELS = 100_000_000

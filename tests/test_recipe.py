@@ -10,10 +10,10 @@ import pytest
 from PIL import Image, ImageDraw, ImageOps
 
 import imagefactory
-from bikewatch.augment import TRAIN_SPEC, USER_SPEC, Source, background_mask, make_view, make_views
-from bikewatch.model import InputContract, build_cnn, load_classifier, save_model
-from bikewatch.preprocess import canonical_orientation, mirror_statistic, preprocess_file
-from bikewatch.training import (
+from bikewatch.offline.augment import TRAIN_SPEC, USER_SPEC, Source, background_mask, make_view, make_views
+from bikewatch.inference.model import InputContract, build_cnn, load_classifier, save_model
+from bikewatch.decode.preprocess import canonical_orientation, mirror_statistic, preprocess_file
+from bikewatch.offline.training import (
     Recipe,
     apply_temperature,
     bake_temperature,
@@ -65,7 +65,7 @@ def test_canonical_contract_predicts_identically_for_a_mirrored_photo(tmp_path: 
 
 
 def test_contract_without_mirror_key_is_none_and_bad_values_are_refused() -> None:
-    from bikewatch.model import ModelError
+    from bikewatch.inference.model import ModelError
 
     assert InputContract.from_json({"classes": ["mountain", "road"]}).mirror == "none"
     assert InputContract.from_json(InputContract(mirror="canonical").to_json()).mirror == "canonical"
@@ -151,7 +151,7 @@ def colour_set(root: Path, specs: dict[str, list[tuple[int, int, int]]], n: int)
 def test_fine_tune_learns_the_corrections_and_keeps_the_rest(tmp_path: Path) -> None:
     """Base: red = mountain, blue = road. The output folder holds green photos the base filed
     wrongly, corrected by hand; after fine-tuning green is learned and red/blue stay right."""
-    from bikewatch.finetune import fine_tune
+    from bikewatch.offline.finetune import fine_tune
 
     orig = load_dataset(colour_set(tmp_path / "orig", {"mountain": [(200, 40, 40)], "road": [(40, 40, 200)]}, 10))
     recipe = Recipe(views=0, epochs=12, batch_size=8, p_clean=1.0, learning_rate=4e-3)
@@ -175,7 +175,7 @@ def test_fine_tune_learns_the_corrections_and_keeps_the_rest(tmp_path: Path) -> 
     assert report["after"]["corrections"] >= 0.9
     assert report["after"]["held_out"] >= report["before"]["held_out"]
     fresh = load_dataset(colour_set(tmp_path / "fresh", {"mountain": [(210, 30, 30)], "road": [(30, 30, 210)]}, 3))
-    from bikewatch.training import predict_keras
+    from bikewatch.offline.training import predict_keras
 
     assert (predict_keras(new, fresh.x).argmax(1) == fresh.y).all()
     assert report["corrections_in_training"] == 6 and report["correction_weight"] >= 1

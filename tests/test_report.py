@@ -13,8 +13,8 @@ from PIL import Image
 
 import imagefactory
 from bikewatch.cli import main
-from bikewatch.ledger import Ledger, Row, read_rows
-from bikewatch.report import (
+from bikewatch.store.ledger import Ledger, Row, read_rows
+from bikewatch.offline.report import (
     HEADER_COLORS, PLACEHOLDER, Style, build_sheet, caption_for, layout, locate_entries, parse_since, render_html,
     write_report,
 )

@@ -1,4 +1,4 @@
-"""bikewatch.signals: handlers that run on a relay thread, never inside the interrupted code.
+"""bikewatch.service.signals: handlers that run on a relay thread, never inside the interrupted code.
 
 Real signals sent to this process (SIGUSR1/SIGUSR2, which pytest does not use).
 """
@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 
-from bikewatch.signals import SignalRelay
+from bikewatch.service.signals import SignalRelay
 
 
 def test_a_signal_arriving_while_the_main_thread_holds_the_handlers_lock_does_not_deadlock() -> None:

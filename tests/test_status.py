@@ -14,8 +14,8 @@ import pytest
 from harness import Daemon, wait_until  # tests/ is on sys.path (conftest)
 
 from bikewatch.cli import build_parser, main
-from bikewatch.ledger import Ledger, Row
-from bikewatch.status import boot_id, identity, judge, start_ticks, summarize
+from bikewatch.store.ledger import Ledger, Row
+from bikewatch.offline.status import boot_id, identity, judge, start_ticks, summarize
 
 UTC = dt.timezone.utc
 HOST = os.uname().nodename

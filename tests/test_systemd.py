@@ -1,4 +1,4 @@
-"""Tests for bikewatch.systemd against real AF_UNIX datagram sockets (no mocks).
+"""Tests for bikewatch.service.systemd against real AF_UNIX datagram sockets (no mocks).
 
 Each test plays the role of the service manager: it binds a SOCK_DGRAM
 socket, points NOTIFY_SOCKET at it, and checks the exact bytes received.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bikewatch.systemd import Notifier, adapt_tensorflow_to_wx, format_status, write_execute_denied
+from bikewatch.service.systemd import Notifier, adapt_tensorflow_to_wx, format_status, write_execute_denied
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -152,7 +152,7 @@ def test_missing_socket_path_returns_false_without_raising(
 ) -> None:
     n = Notifier.from_environ({"NOTIFY_SOCKET": str(short_dir / "does-not-exist.sock")})
     assert n.enabled
-    with caplog.at_level(logging.DEBUG, logger="bikewatch.systemd"):
+    with caplog.at_level(logging.DEBUG, logger="bikewatch.service.systemd"):
         assert n.ready() is False
         assert n.status("still alive") is False
         assert n.stopping() is False
@@ -279,7 +279,7 @@ _UNDER_MDWE = """
 import ctypes, sys
 if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, REFUSE_EXEC_GAIN
     sys.exit(77)
-from bikewatch.systemd import adapt_tensorflow_to_wx, write_execute_denied
+from bikewatch.service.systemd import adapt_tensorflow_to_wx, write_execute_denied
 env = {"TF_ENABLE_ONEDNN_OPTS": "1"}
 print(write_execute_denied(), adapt_tensorflow_to_wx(env), env["TF_ENABLE_ONEDNN_OPTS"])
 """

@@ -1,4 +1,4 @@
-"""bikewatch.training: the pure helpers, and ``bikewatch train`` end to end on a tiny generated data set."""
+"""bikewatch.offline.training: the pure helpers, and ``bikewatch train`` end to end on a tiny generated data set."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 
 import imagefactory as f
 from bikewatch.cli import main
-from bikewatch.model import CLASSES, InputContract
-from bikewatch.training import (
+from bikewatch.inference.model import CLASSES, InputContract
+from bikewatch.offline.training import (
     compute_metrics,
     list_class_files,
     load_dataset,
@@ -87,7 +87,7 @@ def test_train_card_describes_the_run(trained: dict, tiny_data: Path) -> None:
 
 
 def test_trained_model_loads_and_predicts(trained: dict, tiny_data: Path) -> None:
-    from bikewatch.model import load_classifier
+    from bikewatch.inference.model import load_classifier
 
     clf = load_classifier(trained["out"])
     assert clf.contract == InputContract(mirror="canonical")

@@ -1,4 +1,4 @@
-"""Finding files and deciding when they are complete (bikewatch.watching).
+"""Finding files and deciding when they are complete (bikewatch.intake.watching).
 
 Readiness is pure and gets explicit clock values; scan and the watchdog
 observer run on real tmp folders, waited for with deadlines, never sleeps.
@@ -13,9 +13,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from bikewatch import watching
+from bikewatch.intake import watching
 from bikewatch.config import DEFAULT_IGNORE
-from bikewatch.watching import (
+from bikewatch.intake.watching import (
     Hints, InboxWatcher, Readiness, Seen, is_ignored, mount_fstype, needs_polling, observe, scan,
 )
 from harness import wait_until

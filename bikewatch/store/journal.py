@@ -39,9 +39,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Collection, Iterator
 
-from bikewatch.delivery import fsync_dir, numbered_name, place, rename_noreplace
-from bikewatch.failover import locate_ledger, safe_rel, salvage
-from bikewatch.ledger import Ledger, Row
+from bikewatch.store.delivery import fsync_dir, numbered_name, place, rename_noreplace
+from bikewatch.store.failover import locate_ledger, safe_rel, salvage
+from bikewatch.store.ledger import Ledger, Row
 
 PHASE_CLAIMED = "claimed"
 PHASE_DECIDED = "decided"
@@ -68,7 +68,7 @@ class Item:
     timestamp: str = ""
     dest: str = ""  # relative to the output folder, e.g. "road/IMG_0001.jpg"
     back: str = ""  # relative to the inbox: returned there instead of delivered
-    decoded_from: str = ""  # "preview" or "full" (bikewatch.batching.Prepared.decoded_from)
+    decoded_from: str = ""  # "preview" or "full" (bikewatch.decode.prepare.Prepared.decoded_from)
 
     @property
     def confidence(self) -> float | None:
@@ -88,7 +88,7 @@ class Journal:
     worker: str
     model: str = ""
     items: tuple[Item, ...] = field(default_factory=tuple)
-    # Where the batch is recorded (see bikewatch.failover), so that any host can finish it there:
+    # Where the batch is recorded (see bikewatch.store.failover), so that any host can finish it there:
     host: str = ""  # the writer's host name
     inbox: str = ""  # the inbox, as the writer saw it
     ledger: str = ""  # the CSV it appends to, as it saw it
@@ -450,7 +450,7 @@ def settle(
     returns the batch to the inbox with :func:`return_to_inbox` or retries.
 
     The rows go to the CSV the journal names (another worker's, perhaps on another host:
-    see :func:`bikewatch.failover.locate_ledger`), and ids are checked there. A damaged
+    see :func:`bikewatch.store.failover.locate_ledger`), and ids are checked there. A damaged
     journal is moved to the quarantine folder and its files are saved as far as they can be
     (:func:`_settle_damaged`); ``result.quarantined`` says so, for the caller's log.
     """
@@ -796,7 +796,7 @@ def _finished_copy(work: Path, key: str, candidates: list[Path], target: Ledger,
                    digest: Callable[[Path], str]) -> Path | None:
     """The output file ``work`` was copied to before the crash, or None.
 
-    A copy keeps the bytes and the mtime (:func:`bikewatch.delivery.copy_durably`). It is ours
+    A copy keeps the bytes and the mtime (:func:`bikewatch.store.delivery.copy_durably`). It is ours
     when no CSV row names it, or only the row with our own id does; a file another row names
     is another delivery of the same bytes, and ``work`` goes back to the inbox instead.
     """

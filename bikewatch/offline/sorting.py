@@ -1,6 +1,6 @@
 """``bikewatch sort DIR --output OUT``: one dump, sorted exactly as the daemon would.
 
-The same :class:`~bikewatch.service.Service` runs in one-shot mode (same
+The same :class:`~bikewatch.service.loop.Service` runs in one-shot mode (same
 batching, claims, delivery, CSV and guarantees), without watching, and
 returns when DIR is drained. ``--dry-run`` only classifies and prints the plan.
 """
@@ -12,16 +12,16 @@ import os
 import sys
 from typing import Any
 
-from bikewatch.batching import LABEL_REJECTED, decide
+from bikewatch.decision import LABEL_REJECTED, decide
 from bikewatch.config import Settings
-from bikewatch.journal import Item, free_name
-from bikewatch.watching import scan
+from bikewatch.store.journal import Item, free_name
+from bikewatch.intake.watching import scan
 
 
 def plan(settings: Settings) -> list[tuple[str, str, str, float | None]]:
     """(source, destination, label, confidence) for every file, changing nothing."""
-    from bikewatch.classify import classify_paths
-    from bikewatch.model import load_classifier
+    from bikewatch.offline.classify import classify_paths
+    from bikewatch.inference.model import load_classifier
 
     found = [s for s in scan(settings.inbox, settings.ignore, skip=[settings.state_dir])]
     classifier = load_classifier(settings.model)
@@ -45,15 +45,15 @@ def plan(settings: Settings) -> list[tuple[str, str, str, float | None]]:
 def run_sort(settings: Settings, *, dry_run: bool, progress: bool) -> int:
     if dry_run:
         rows = plan(settings)
-        for source, dest, label, conf in rows:
+        for source, dest, _label, conf in rows:
             tail = f"({conf:.3f})" if conf is not None else "(rejected: cannot be classified)"
             print(f"{settings.inbox / source} -> {settings.output / dest} {tail}")
         counts = collections.Counter(label for _, _, label, _ in rows)
         print(f"dry run: {len(rows)} files would be moved: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         return 0
 
-    from bikewatch.service import Service
-    from bikewatch.systemd import Notifier
+    from bikewatch.service.loop import Service
+    from bikewatch.service.systemd import Notifier
 
     total = sum(1 for _ in scan(settings.inbox, settings.ignore, skip=[settings.state_dir]))
     bar: Any = None

@@ -2,9 +2,9 @@
 
 One processing loop on the main thread owns every decision (which files to
 claim, when to send a batch, where each file goes); decode worker processes
-(:mod:`bikewatch.decoders`) only read and preprocess files, and the watchdog
+(:mod:`bikewatch.decode.pool`) only read and preprocess files, and the watchdog
 observer only drops hints. Side
-effects live here and in :mod:`bikewatch.journal`; the rules they follow are
+effects live here and in :mod:`bikewatch.store.journal`; the rules they follow are
 pure functions in the other modules.
 """
 
@@ -27,25 +27,29 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bikewatch.batching import (
-    LABEL_REJECTED, LABEL_UNSURE, BatchBuffer, Prepared, decide, digest_file, prepare, should_dispatch,
-)
+from bikewatch.decode.prepare import Prepared, digest_file, prepare
+
+from bikewatch.decision import LABEL_REJECTED, LABEL_UNSURE, decide
+
+from bikewatch.inference.batch import BatchBuffer
+
+from bikewatch.service.dispatch import should_dispatch
 from bikewatch.config import ConfigError, Settings, describe, load_settings, validate
-from bikewatch.decoders import DecodePool, Task
-from bikewatch.failover import origin, remove_status_of, sweep_status_files
-from bikewatch.journal import (
+from bikewatch.decode.pool import DecodePool, Task
+from bikewatch.store.failover import origin, remove_status_of, sweep_status_files
+from bikewatch.store.journal import (
     ADOPTED_PREFIX, PHASE_CLAIMED, PHASE_DECIDED, DeliveryError, Item, Journal, SettleResult, WorkArea, claim,
     deliver_decided, free_name, recover_dir, journals, return_to_inbox, settle, write_journal,
 )
-from bikewatch.ledger import Ledger
-from bikewatch.metrics import Metrics
+from bikewatch.store.ledger import Ledger
+from bikewatch.service.metrics import Metrics
 from bikewatch.logs import configure, get_logger, native_stderr_as_debug
-from bikewatch.model import CLASSES, BackendChoice, Classifier, ModelError, load_classifier
-from bikewatch.readahead import QUIET_SECONDS, ReadAhead, Usable
-from bikewatch.signals import SignalRelay
-from bikewatch.status import identity
-from bikewatch.systemd import Notifier, format_status
-from bikewatch.watching import (
+from bikewatch.inference.model import CLASSES, BackendChoice, Classifier, ModelError, load_classifier
+from bikewatch.service.readahead import QUIET_SECONDS, ReadAhead, Usable
+from bikewatch.service.signals import SignalRelay
+from bikewatch.offline.status import identity
+from bikewatch.service.systemd import Notifier, format_status
+from bikewatch.intake.watching import (
     Hints, InboxWatcher, Readiness, Seen, is_ignored, mount_fstype, needs_polling, observe, scan,
 )
 
@@ -65,7 +69,7 @@ def utc_now() -> str:
 def configure_device(device: str) -> str:
     """CPU (LiteRT, no TensorFlow) or GPU (TensorFlow) as asked; on a GPU, memory growth so the
     service does not grab the whole card."""
-    from bikewatch.runtime import TensorFlowMissing, inference_threads, require_tensorflow, resolve_backend
+    from bikewatch.inference.runtime import TensorFlowMissing, inference_threads, require_tensorflow, resolve_backend
 
     if resolve_backend(device) == "litert":
         if device == "cpu":  # a model only Keras can run must not find the GPU either
@@ -170,7 +174,7 @@ class Service:
     # ----- start-up -------------------------------------------------------------------------
 
     def _signals(self) -> SignalRelay:
-        """SIGTERM and SIGINT stop, SIGHUP reloads; handled on a relay thread (see bikewatch.signals)."""
+        """SIGTERM and SIGINT stop, SIGHUP reloads; handled on a relay thread (see bikewatch.service.signals)."""
 
         def on_stop(signum: int) -> None:
             if not self.stop.is_set():

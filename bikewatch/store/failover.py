@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bikewatch.watching import mount_fstype, needs_polling
+from bikewatch.intake.watching import mount_fstype, needs_polling
 
 
 def _shared_with_inbox(path: Path, inbox: Path) -> bool:
@@ -42,7 +42,7 @@ def _shared_with_inbox(path: Path, inbox: Path) -> bool:
 
 
 def origin(inbox: Path, ledger: Path, host: str) -> dict[str, str]:
-    """The journal fields that say where its batch is recorded (see :class:`bikewatch.journal.Journal`)."""
+    """The journal fields that say where its batch is recorded (see :class:`bikewatch.store.journal.Journal`)."""
     inbox, ledger = Path(os.path.abspath(inbox)), Path(os.path.abspath(ledger))
     rel = os.path.relpath(ledger, inbox) if _shared_with_inbox(ledger, inbox) else ""
     return {"host": host, "inbox": str(inbox), "ledger": str(ledger), "ledger_rel": rel}

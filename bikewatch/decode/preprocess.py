@@ -7,7 +7,7 @@ orientation, convert any mode to RGB (transparency composited on white), and
 resize the whole frame to 64x64 like the seed notebook did (no crop).
 
 The output is RGB in 0..255 as float32; a model's input contract (see
-:mod:`bikewatch.model`) turns that into what the model was trained on.
+:mod:`bikewatch.inference.model`) turns that into what the model was trained on.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 try:  # Registers AVIF/HEIF when pillow-heif is installed; optional.
-    import pillow_heif  # type: ignore[import-not-found]
+    import pillow_heif
 
     pillow_heif.register_heif_opener()
 except ImportError:  # pragma: no cover - optional dependency
@@ -188,7 +188,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def preprocess_preview(data: bytes, orientation: int = 1) -> np.ndarray:
-    """An embedded preview (see :mod:`bikewatch.previews`) into the same model input as its main image.
+    """An embedded preview (see :mod:`bikewatch.decode.previews`) into the same model input as its main image.
 
     The preview is a plain JPEG without EXIF of its own; the main image's ``orientation``
     applies to it, so it is given to the preview before the very steps

@@ -419,7 +419,7 @@ def _index_move_sources() -> None:
     for name, wrapper in zip(names, (put_event, read_event, group_moved_to_event, get_queued_moved_from_event,
                                      discard_pending_events)):
         setattr(grouper, name, wrapper)
-    setattr(grouper, "_bikewatch_indexed", True)
+    grouper._bikewatch_indexed = True  # type: ignore[attr-defined]
 
 
 class InboxWatcher:

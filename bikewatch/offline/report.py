@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from bikewatch.corrections import confidence_of, locate
+from bikewatch.offline.corrections import confidence_of, locate
 
 GROUPS: tuple[str, ...] = ("mountain", "road", "unsure")
 REJECTED = "rejected"
@@ -383,7 +383,7 @@ def load_thumbnail(path: Path | None, size: int):  # -> PIL.Image.Image | None
     """A thumbnail fitting ``size`` x ``size``, upright (EXIF), RGB; None when unreadable."""
     from PIL import Image, ImageOps
 
-    from bikewatch.preprocess import to_rgb
+    from bikewatch.decode.preprocess import to_rgb
 
     if path is None:
         return None

@@ -8,7 +8,7 @@ notebook's ``.h5`` weights and for ``device = "gpu"`` (LiteRT has no CUDA
 path); it is an optional install (``bikewatch[train]``, ``bikewatch[gpu]``),
 imported only through :func:`require_tensorflow`.
 
-A ``.keras`` file written by :func:`bikewatch.model.save_model` carries the
+A ``.keras`` file written by :func:`bikewatch.inference.model.save_model` carries the
 LiteRT flatbuffer as one more zip entry (:data:`TFLITE_ENTRY`) beside its
 input contract: one file, one digest, one model identity whichever runtime
 runs it, and an atomic replace switches both at once. A LiteRT model holds
@@ -68,7 +68,7 @@ def require_tensorflow(purpose: str) -> Any:
             raise TensorFlowMissing(f"{purpose} needs TensorFlow, which is not installed: {TRAIN_EXTRA}")
         if not _wx_checked:
             _wx_checked = True
-            from bikewatch.systemd import adapt_tensorflow_to_wx
+            from bikewatch.service.systemd import adapt_tensorflow_to_wx
 
             if adapt_tensorflow_to_wx():
                 from bikewatch.logs import get_logger

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from bikewatch.model import CLASSES, Classifier
-from bikewatch.training import (
+from bikewatch.inference.model import CLASSES, Classifier
+from bikewatch.offline.training import (
     Dataset,
     Recipe,
     load_dataset,
@@ -48,7 +48,7 @@ def original_data_dir(base: Classifier, explicit: Path | None) -> Path | None:
         return None
     candidates = [Path(named)]
     if not Path(named).is_absolute():  # the embedded card names it relative to the project root
-        candidates.append(Path(__file__).resolve().parents[1] / named)
+        candidates.append(Path(__file__).resolve().parents[2] / named)
     return next((c for c in candidates if (c / CLASSES[0]).is_dir() and (c / CLASSES[1]).is_dir()), None)
 
 
@@ -75,8 +75,8 @@ def fine_tune(
     """The fine-tuned Keras model, a before/after report, and the photos it was trained on."""
     import keras
 
-    from bikewatch.augment import USER_SPEC, make_views
-    from bikewatch.training import fit_views, load_sources
+    from bikewatch.offline.augment import USER_SPEC, make_views
+    from bikewatch.offline.training import fit_views, load_sources
 
     mirror = base.contract.mirror
     is_corr = np.array([p.resolve() in corrected for p in output.paths], dtype=bool)
@@ -87,7 +87,8 @@ def fine_tune(
         guard = f"{len(held)} held-out photos of the original training data"
     else:
         rest = np.flatnonzero(~is_corr)
-        tr_r, ho_r = stratified_split(output.y[rest], HELD_OUT, seed) if len(rest) >= 8 else (np.arange(len(rest)), np.zeros(0, np.int64))
+        tr_r, ho_r = (stratified_split(output.y[rest], HELD_OUT, seed) if len(rest) >= 8
+                      else (np.arange(len(rest)), np.zeros(0, np.int64)))
         keep = np.sort(np.concatenate([rest[tr_r], np.flatnonzero(is_corr)]))
         train, held = output.subset(keep), output.subset(rest[ho_r])
         train_corr = is_corr[keep]
@@ -152,7 +153,7 @@ def corrected_paths(log: Path | None) -> set[Path]:
     """Where the photos people moved to the other class folder are now (resolved)."""
     if log is None:
         return set()
-    from bikewatch.corrections import find_corrections_in_log
+    from bikewatch.offline.corrections import find_corrections_in_log
 
     return {c.path.resolve() for c in find_corrections_in_log(log).corrections if c.current in CLASSES}
 

@@ -17,8 +17,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from bikewatch.model import CLASSES, Classifier
-from bikewatch.preprocess import PreprocessError, is_image_name, preprocess_file
+from bikewatch.inference.model import CLASSES, Classifier
+from bikewatch.decode.preprocess import PreprocessError, is_image_name, preprocess_file
 
 CSV_COLUMNS = ("path", "label", "confidence", "p_mountain", "p_road", "error", "model")
 
@@ -70,7 +70,7 @@ def classify_paths(classifier: Classifier, paths: Sequence[Path], batch_size: in
     probs = np.zeros((len(paths), 2), dtype=np.float32)
     for start in range(0, len(good), batch_size):
         idx = good[start : start + batch_size]
-        probs[idx] = classifier.predict(np.stack([prepared[i] for i in idx]))  # type: ignore[misc]
+        probs[idx] = classifier.predict(np.stack([prepared[i] for i in idx]))
     results = []
     for i, path in enumerate(paths):
         item = prepared[i]

@@ -7,8 +7,8 @@ closed after writing or renamed into the inbox needs only ``closed_settle_second
 too short to read ahead.) Reading a file
 changes nothing, so the service reads, decodes and classifies files that are still
 settling, and keeps each result with the signature the read vouched for (size,
-mtime, ctime, inode: :data:`bikewatch.watching.Signature`; see
-:func:`bikewatch.batching.signature_of`).
+mtime, ctime, inode: :data:`bikewatch.intake.watching.Signature`; see
+:func:`bikewatch.decode.prepare.signature_of`).
 
 When the file is claimed, a result is used only if the lstat taken just before the
 claim shows that very signature; otherwise the claimed file is read again as if
@@ -30,8 +30,8 @@ from typing import Callable
 
 import numpy as np
 
-from bikewatch.batching import Prepared
-from bikewatch.watching import Seen
+from bikewatch.decode.prepare import Prepared
+from bikewatch.intake.watching import Seen
 
 QUIET_SECONDS = 0.1
 """A file is read ahead once it has been unchanged this long (a copy in progress changes every few ms)."""

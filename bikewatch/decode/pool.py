@@ -37,8 +37,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bikewatch.batching import Prepared, prepare
-from bikewatch.preprocess import SIZE
+from bikewatch.decode.prepare import Prepared, prepare
+from bikewatch.decode.preprocess import SIZE
 
 CHUNK = 16
 """Files sent to a worker in one message at most (and no more than its fair share of the queue).
@@ -58,13 +58,13 @@ def take_size(queued: int, workers: int) -> int:
 
 @dataclass(frozen=True)
 class Task:
-    """One file for a worker: what :func:`bikewatch.batching.prepare` needs."""
+    """One file for a worker: what :func:`bikewatch.decode.prepare.prepare` needs."""
 
     path: str  # not a Path: a str pickles and unpickles in a fraction of the time
     key: str
     max_pixels: int
     vouch: bool
-    previews: bool = False  # classify camera JPEGs from their embedded preview (see bikewatch.previews)
+    previews: bool = False  # classify camera JPEGs from their embedded preview (see bikewatch.decode.previews)
 
 
 Packed = tuple[Any, ...]
@@ -234,7 +234,7 @@ class DecodePool:
         self._on_crash = on_crash  # a file was blamed (it will be rejected)
         self._on_restart = on_restart  # a worker was replaced
         self._timeout = timeout
-        self._previews = previews  # every file's Task says so (see bikewatch.previews)
+        self._previews = previews  # every file's Task says so (see bikewatch.decode.previews)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.restarts = 0
         self._threads: list[threading.Thread] = []

@@ -21,8 +21,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bikewatch.model import CLASSES, Classifier, InputContract, build_cnn, compile_cnn, save_model
-from bikewatch.preprocess import PreprocessError, is_image_name, preprocess_file
+from bikewatch.inference.model import CLASSES, Classifier, InputContract, build_cnn, compile_cnn, save_model
+from bikewatch.decode.preprocess import PreprocessError, is_image_name, preprocess_file
 
 DEFAULT_EPOCHS = 20
 DEFAULT_BATCH_SIZE = 32
@@ -215,7 +215,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, paths: Sequence[Path]
 
 
 def evaluate(classifier: Classifier, data: Dataset) -> Metrics:
-    from bikewatch.model import predict_files
+    from bikewatch.inference.model import predict_files
 
     return compute_metrics(data.y, predict_files(classifier, list(data.x)), data.paths)
 
@@ -268,7 +268,7 @@ def model_card(
             "optimizer": "AdamW with cosine decay (see recipe)",
             "loss": "categorical_crossentropy with label smoothing (see recipe)",
             "augmentation": ("background segmented and replaced by synthetic scenes, aspect, scale, crop, rotation, "
-                             "flip, colour, grey, darkening, blur, JPEG (bikewatch.augment.TRAIN_SPEC)") if augment
+                             "flip, colour, grey, darkening, blur, JPEG (bikewatch.offline.augment.TRAIN_SPEC)") if augment
                             else "horizontal flip only",
             "seed": seed,
             "fine_tuned_from": base_model,
@@ -296,7 +296,7 @@ USER_VIEWS_PER_PHOTO = 4
 
 def calibrate(model: Any, val: Dataset, *, mirror: str, seed: int) -> dict[str, Any]:
     """Fit a temperature on the validation photos and user-like views of them; ECE before/after."""
-    from bikewatch.augment import USER_SPEC, make_views
+    from bikewatch.offline.augment import USER_SPEC, make_views
 
     user = make_views(load_sources(val.paths), USER_VIEWS_PER_PHOTO, seed + 99, USER_SPEC).reshape(-1, 64, 64, 3)
     x = np.concatenate([val.x, user])
@@ -340,7 +340,7 @@ def train_command(
     if base is not None:
         if base.contract.channel_order != "RGB" or base.contract.scale != "0..255":
             raise ValueError("fine-tuning needs an RGB 0..255 model trained by bikewatch; retrain from scratch instead")
-        from bikewatch.finetune import corrected_paths, fine_tune, load_original
+        from bikewatch.offline.finetune import corrected_paths, fine_tune, load_original
 
         before = evaluate(base, data)
         echo(f"before fine-tuning: accuracy {before.accuracy:.3f} on all {len(data)} photos in {data_dir}")
@@ -387,10 +387,10 @@ def train_command(
 
 def kfold_command(data_dir: Path, k: int, *, epochs: int | None, seed: int, echo: Any = print) -> dict[str, Any]:
     """K-fold cross-validation of the recipe: K fresh models, each tested on its held-out fold,
-    as the photos are and as user-like views of them (:data:`bikewatch.augment.USER_SPEC`)."""
+    as the photos are and as user-like views of them (:data:`bikewatch.offline.augment.USER_SPEC`)."""
     from dataclasses import replace
 
-    from bikewatch.augment import USER_SPEC, make_views
+    from bikewatch.offline.augment import USER_SPEC, make_views
 
     recipe = replace(DEFAULT_RECIPE, epochs=epochs or DEFAULT_RECIPE.epochs)
     data = load_dataset(data_dir)
@@ -427,7 +427,7 @@ def kfold_command(data_dir: Path, k: int, *, epochs: int | None, seed: int, echo
 class Recipe:
     """Everything around the fixed CNN that decides how well it carries over to users' photos.
 
-    ``views``: augmented views per photo made once up front (:mod:`bikewatch.augment`: the bike
+    ``views``: augmented views per photo made once up front (:mod:`bikewatch.offline.augment`: the bike
     pasted on synthetic backgrounds, scaled, cropped, recoloured, darkened, blurred, re-compressed);
     each epoch shows every photo once, as its clean self or one of its views.
     """
@@ -441,7 +441,7 @@ class Recipe:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     p_clean: float = 0.2
-    spec: str = "framed"  # bikewatch.augment.SPECS
+    spec: str = "framed"  # bikewatch.offline.augment.SPECS
     mirror: str = "canonical"  # input contract: canonical horizontal orientation at inference
 
     def to_json(self) -> dict[str, Any]:
@@ -457,8 +457,8 @@ def load_sources(paths: Sequence[Path]) -> list[Any]:
     """The photos at augmentation size with their segmented foreground (:class:`augment.Source`)."""
     from PIL import Image, ImageOps
 
-    from bikewatch.augment import SOURCE_SIZE, Source, load_source
-    from bikewatch.preprocess import to_rgb
+    from bikewatch.offline.augment import SOURCE_SIZE, Source, load_source
+    from bikewatch.decode.preprocess import to_rgb
 
     out = []
     for path in paths:
@@ -473,7 +473,7 @@ def load_sources(paths: Sequence[Path]) -> list[Any]:
 
 def make_training_views(data: Dataset, per_photo: int, seed: int, spec: str = "train") -> np.ndarray:
     """(N, 1 + per_photo, 64, 64, 3): each photo's own input first, then its augmented views."""
-    from bikewatch.augment import make_views
+    from bikewatch.offline.augment import make_views
 
     views = make_views(load_sources(data.paths), per_photo, seed, spec) if per_photo else np.zeros(
         (len(data), 0, 64, 64, 3), np.float32)

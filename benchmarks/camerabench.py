@@ -18,7 +18,7 @@ A real dump comes off a phone or a camera: 4000x3000 JPEGs of 2 to 6 MB, each wi
 The photos are made with Pillow from the source photos (``--photos-from``, default the
 shared bike photos; synthetic ones otherwise): scaled to 4000x3000, a random crop, flip
 and brightness each, sensor-like grain, a fifth of them stored turned with EXIF
-orientation 6, saved at quality 92 with their preview (:mod:`bikewatch.camera`).
+orientation 6, saved at quality 92 with their preview (:mod:`bikewatch.testing.camera`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bikewatch.bench import (
+from benchmarks.bench import (
     Daemon, RowCounter, best_of, log, measure_end_to_end, publish, source_photos, tree_status_kib, wx_available,
 )
 
@@ -63,7 +63,7 @@ def make_photo(job: tuple[str, str, int]) -> tuple[str, int]:
     import numpy as np
     from PIL import Image, ImageEnhance
 
-    from bikewatch.camera import as_stored, camera_jpeg
+    from bikewatch.testing.camera import as_stored, camera_jpeg
 
     src, dst, seed = job
     rng = np.random.default_rng(seed)
@@ -98,7 +98,7 @@ def make_photos(sources: list[Path], folder: Path, count: int, workers: int) -> 
 def measure_pool(photos: list[Path], workers: int, previews: bool, min_seconds: float,
                  max_pixels: int) -> tuple[dict[str, Any], list[Any]]:
     """Decode-only in the daemon's worker processes; also every photo's Prepared, from the warm-up."""
-    from bikewatch.decoders import DecodePool
+    from bikewatch.decode.pool import DecodePool
 
     with DecodePool(workers, previews=previews) as pool:
         pool.wait_ready(60)
@@ -117,7 +117,7 @@ def measure_pool(photos: list[Path], workers: int, previews: bool, min_seconds: 
 
 
 def measure_hash(photos: list[Path], workers: int, min_seconds: float) -> dict[str, Any]:
-    from bikewatch.batching import digest_file
+    from bikewatch.decode.prepare import digest_file
 
     with ThreadPoolExecutor(workers) as pool:  # hashlib lets go of the GIL: threads hash in parallel
         def round_() -> int:
@@ -142,7 +142,7 @@ def agreement(classifier: Any, quick: list[Any], full: list[Any]) -> dict[str, A
 
 def end_to_end(work: Path, settings: dict[str, Any], photos: list[Path], runs: int, name: str) -> dict[str, Any]:
     """``runs`` dumps of ``photos`` into a fresh daemon; the photos are moved back after each run."""
-    from bikewatch.ledger import read_rows
+    from bikewatch.store.ledger import read_rows
 
     root = work / name
     inbox, output = root / "inbox", root / "sorted"
@@ -203,7 +203,7 @@ def run_camera(args: argparse.Namespace) -> int:
             "photos": count, "photos_from": origin, "made_s": made_s,
             "mean_mb": sum(sizes) / len(sizes) / 1e6, "min_mb": min(sizes) / 1e6, "max_mb": max(sizes) / 1e6,
         }
-        from bikewatch.model import load_classifier
+        from bikewatch.inference.model import load_classifier
 
         classifier = load_classifier(args.model)
         r["model"] = classifier.identity

@@ -6,7 +6,7 @@ that only ever saw white backgrounds learns "white = road-ish studio light" shor
 do not carry over. So the background is segmented (near-white pixels connected to the
 border), and each training view pastes the bike, scaled and placed at random, onto a
 synthetic background, then degrades it the way cameras and re-uploads do. The view then
-goes through the same 64x64 resize as every real photo (:func:`bikewatch.preprocess.to_input`).
+goes through the same 64x64 resize as every real photo (:func:`bikewatch.decode.preprocess.to_input`).
 
 Everything here is pure numpy/Pillow, seeded by an explicit ``numpy.random.Generator``.
 """
@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from bikewatch.preprocess import to_input
+from bikewatch.decode.preprocess import to_input
 
 SOURCE_SIZE = 192
 """Longest side the training photos are kept at for augmentation (64x64 is made from this)."""

@@ -5,7 +5,7 @@ On the same photos and the same machine it measures:
 1. **naive**: the seed notebook as a loop, one photo at a time: full decode
    (no reduced JPEG decoding), resize to 64x64, ``model.predict`` on a batch
    of one, ``shutil.move``, and a CSV row appended with open/append/close;
-2. **decode**: the daemon's per-file work (read, sha256, :mod:`bikewatch.preprocess`)
+2. **decode**: the daemon's per-file work (read, sha256, :mod:`bikewatch.decode.preprocess`)
    on worker threads, one per core, and in the daemon's decode worker processes;
    the roofline uses the faster of the two;
 3. **inference**: :meth:`Classifier.predict` on ready arrays at the batch size,
@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from bikewatch.systemd import NotifyListener
+from bikewatch.testing.notify import NotifyListener
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PHOTOS = REPO.parent / "shared" / "data" / "bikes"
@@ -103,7 +103,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "unrestricted, 'both' (default) W^X with the unrestricted end-to-end figures beside it")
     p.add_argument("--camera", type=int, nargs="?", const=300, default=None, metavar="N",
                    help="instead: a camera dump of N 4000x3000 JPEGs with embedded previews (default 300), "
-                        "end to end against the full-image decode limit (bikewatch.camerabench)")
+                        "end to end against the full-image decode limit (benchmarks.camerabench)")
 
 
 # ----- small helpers -------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval:
 
 
 def source_photos(args: argparse.Namespace, work: Path) -> tuple[list[Path], str]:
-    from bikewatch.preprocess import is_image_name
+    from bikewatch.decode.preprocess import is_image_name
 
     folder = args.photos_from if args.photos_from is not None else DEFAULT_PHOTOS
     if not args.synthetic and folder.is_dir():
@@ -326,7 +326,7 @@ def measure_naive(classifier: Any, photos: list[Path], work: Path) -> dict[str, 
     import numpy as np
     from PIL import Image
 
-    from bikewatch.model import CLASSES
+    from bikewatch.inference.model import CLASSES
 
     inbox, out, log_path = work / "naive-in", work / "naive-out", work / "naive.csv"
     for label in CLASSES:
@@ -370,7 +370,7 @@ def measure_decode(photos: list[Path], workers: int, min_photos: int, min_second
     """The daemon's worker-thread stage (read, hash, preprocess) on ``workers`` threads."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from bikewatch.batching import prepare
+    from bikewatch.decode.prepare import prepare
 
     def one(path: Path) -> Any:
         return prepare(path, path.name, max_pixels=max_pixels)
@@ -389,8 +389,8 @@ def measure_decode(photos: list[Path], workers: int, min_photos: int, min_second
 
 def measure_decode_processes(photos: list[Path], workers: int, min_photos: int, min_seconds: float,
                              max_pixels: int) -> dict[str, Any]:
-    """The same stage the way the daemon runs it: in ``workers`` decode processes (bikewatch.decoders)."""
-    from bikewatch.decoders import DecodePool
+    """The same stage the way the daemon runs it: in ``workers`` decode processes (bikewatch.decode.pool)."""
+    from bikewatch.decode.pool import DecodePool
 
     with DecodePool(workers) as pool:
         pool.wait_ready(60)
@@ -521,7 +521,7 @@ def deny_write_execute() -> None:
 
 def wx_available() -> str | None:
     """None when a child can run under PR_SET_MDWE and it is in force there; else why not."""
-    probe = "from bikewatch.systemd import write_execute_denied; print(write_execute_denied())"
+    probe = "from bikewatch.service.systemd import write_execute_denied; print(write_execute_denied())"
     try:
         done = subprocess.run([sys.executable, "-c", probe], preexec_fn=deny_write_execute, capture_output=True,
                               text=True, timeout=60)
@@ -571,7 +571,7 @@ def measure_latency(daemon: Daemon, counter: RowCounter, staged: list[Path], inb
             raise RuntimeError("rows appeared in a quiet inbox")
         t0 = time.monotonic()
         os.rename(path, inbox / path.name)
-        t1 = wait_for(lambda: counter.rows() > before or not daemon.alive(), 60, f"{path.name} to be sorted",
+        t1 = wait_for(lambda: counter.rows() > before or not daemon.alive(), 60, f"{path.name} to be sorted",  # noqa: B023
                       interval=0.002)
         if not daemon.alive():
             raise RuntimeError(f"the daemon died:\n{daemon.tail()}")
@@ -627,7 +627,7 @@ class Row:
 
 def run_bench(args: argparse.Namespace) -> int:
     if getattr(args, "camera", None) is not None:
-        from bikewatch.camerabench import run_camera
+        from benchmarks.camerabench import run_camera
 
         return run_camera(args)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -679,8 +679,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
         import numpy as np  # noqa: F401  (after the env var above)
 
-        from bikewatch.model import load_classifier
-        from bikewatch.runtime import inference_threads, tensorflow_installed
+        from bikewatch.inference.model import load_classifier
+        from bikewatch.inference.runtime import inference_threads, tensorflow_installed
 
         classifier = load_classifier(args.model)  # LiteRT, as the service runs it
         result["model"] = classifier.identity
@@ -949,3 +949,16 @@ def render_table(r: dict[str, Any], args: argparse.Namespace) -> str:
     if busy:
         lines.append(f"warning: other processes used CPU during {', '.join(busy)}; those figures are low")
     return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``./dev bench`` (``python -m benchmarks.bench``): a development tool, kept out of the runtime package."""
+    parser = argparse.ArgumentParser(
+        prog="bench", description="benchmark: naive loop vs decode/inference roofline vs a real daemon",
+        epilog="example: ./dev bench --photos 2000 --json bench.json")
+    add_arguments(parser)
+    return run_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

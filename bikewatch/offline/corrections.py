@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from bikewatch.ledger import read_rows
+from bikewatch.store.ledger import read_rows
 
 LABEL_FOLDERS: tuple[str, ...] = ("mountain", "road", "unsure", "rejected")
 """Folders bikewatch delivers into; a moved photo is looked for in each of them."""
@@ -181,7 +181,7 @@ def summary(findings: Findings) -> str:
     return text
 
 
-def corrections_dataset(corrections: Iterable[Correction]):  # -> bikewatch.training.Dataset | None
+def corrections_dataset(corrections: Iterable[Correction]):  # -> bikewatch.offline.training.Dataset | None
     """The corrected photos as an evaluation set: true class = the folder a person put them in.
 
     Photos moved to ``unsure/`` or ``rejected/`` carry no class and are left out;
@@ -189,9 +189,9 @@ def corrections_dataset(corrections: Iterable[Correction]):  # -> bikewatch.trai
     """
     import numpy as np
 
-    from bikewatch.model import CLASSES
-    from bikewatch.preprocess import PreprocessError, preprocess_file
-    from bikewatch.training import Dataset
+    from bikewatch.inference.model import CLASSES
+    from bikewatch.decode.preprocess import PreprocessError, preprocess_file
+    from bikewatch.offline.training import Dataset
 
     paths, arrays, labels = [], [], []
     for c in corrections:
@@ -210,8 +210,8 @@ def corrections_dataset(corrections: Iterable[Correction]):  # -> bikewatch.trai
 
 def evaluate_corrections(log: Path, *, before=None, after=None, echo=print) -> dict:
     """Accuracy on the photos people corrected, for ``before`` (the base model) and ``after``
-    (the newly trained one), both :class:`bikewatch.model.Classifier`; for ``train --log``."""
-    from bikewatch.training import evaluate
+    (the newly trained one), both :class:`bikewatch.inference.model.Classifier`; for ``train --log``."""
+    from bikewatch.offline.training import evaluate
 
     findings = find_corrections_in_log(log)
     data = corrections_dataset(findings.corrections)

@@ -1,9 +1,7 @@
-"""Batches: when to send one, how to prepare its files, and how to label the results.
+"""Decoding a claimed file: read it once, hash it, and make the model's input (or say why not).
 
-The dispatch rule is TensorFlow Serving's: send when ``max_batch`` files are
-ready or when the oldest ready file has waited ``max_wait`` (so one photo in
-a quiet inbox is not held back). Preparation (read, hash, preprocess) runs in
-decode worker processes (:mod:`bikewatch.decoders`) while the model works on the
+Preparation (read, hash, preprocess) runs in
+decode worker processes (:mod:`bikewatch.decode.pool`) while the model works on the
 previous batch.
 """
 
@@ -15,46 +13,15 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from bikewatch import previews as _previews
-from bikewatch.preprocess import SIZE, PreprocessError, preprocess_bytes, preprocess_preview
-from bikewatch.watching import Signature, stat_signature
+from bikewatch.decode import previews as _previews
+from bikewatch.decode.preprocess import PreprocessError, preprocess_bytes, preprocess_preview
+from bikewatch.intake.watching import Signature, stat_signature
 
 MAX_FILE_BYTES = 512 * 1024 * 1024
 """Larger files are hashed in chunks and rejected, never read into memory whole."""
-
-LABEL_REJECTED = "rejected"
-LABEL_UNSURE = "unsure"
-
-
-def should_dispatch(n_ready: int, oldest_wait: float, *, max_batch: int, max_wait: float, stopping: bool) -> bool:
-    """Send a batch now? Pure, so the policy is testable without a clock."""
-    if n_ready == 0 or stopping:
-        return False
-    return n_ready >= max_batch or oldest_wait >= max_wait
-
-
-class BatchBuffer:
-    """One float32 array that every batch for the model is stacked into, reused.
-
-    A fresh array per batch (1.5 MB for 32 photos) and TensorFlow's copy of it, freed
-    together, made glibc hand the memory back to the kernel after every batch and fault
-    it in again for the next: about 740 page faults and 2 ms of the main thread's CPU
-    per batch of 32, against 0.1 ms with this buffer. The array :meth:`stack` returns is
-    a view that the next call overwrites: pass it to the model and let it go.
-    """
-
-    def __init__(self, rows: int) -> None:
-        self._buf = np.empty((max(1, rows), SIZE, SIZE, 3), dtype=np.float32)
-
-    def stack(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
-        if len(arrays) > len(self._buf):
-            self._buf = np.empty((len(arrays), *self._buf.shape[1:]), dtype=np.float32)
-        return np.stack(arrays, out=self._buf[: len(arrays)])
-
 
 @dataclass(frozen=True)
 class Prepared:
@@ -115,7 +82,7 @@ def from_preview(fd: int, st: os.stat_result, key: str, *, max_pixels: int,
                  began_ns: int | None) -> Prepared | None:
     """Classify from the JPEG's embedded preview, reading only the file's head; None: decode it all.
 
-    Only a preview :func:`bikewatch.previews.check` trusts is used, and only in a file that
+    Only a preview :func:`bikewatch.decode.previews.check` trusts is used, and only in a file that
     ends as a whole JPEG does (an EOI marker): a copy cut short is decoded in full, and
     rejected as it always was. The bytes past the head are never read, so there is no
     sha256 of the file: the row's ``sha256`` stays empty (README: "Formats, and camera photos' embedded previews").
@@ -191,11 +158,3 @@ def prepare(path: str | Path, key: str, *, max_pixels: int, vouch: bool = False,
     except PreprocessError as exc:
         return Prepared(key, None, digest, len(data), st.st_mtime_ns, exc.reason, sig)
     return Prepared(key, array, digest, len(data), st.st_mtime_ns, signature=sig, decoded_from=DECODED_FULL)
-
-
-def decide(p_mountain: float, p_road: float, unsure_below: float) -> str:
-    """Label from probabilities; ``unsure`` only when a threshold is set and not met."""
-    label = "road" if p_road > p_mountain else "mountain"
-    if unsure_below > 0 and max(p_mountain, p_road) < unsure_below:
-        return LABEL_UNSURE
-    return label

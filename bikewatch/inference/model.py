@@ -7,7 +7,7 @@ preprocessor's RGB 0..255 arrays and get probabilities keyed by class name.
 
 Loading never runs code from a model file: the LiteRT flatbuffer inside a
 ``.keras`` file (or a bare ``.tflite``) runs LiteRT's built-in operators only
-(:mod:`bikewatch.runtime`); ``.keras`` files load into Keras with
+(:mod:`bikewatch.inference.runtime`); ``.keras`` files load into Keras with
 ``safe_mode=True``; legacy ``.h5`` files (the seed notebook's) are not
 deserialised at all: the known architecture is built here and only the
 weights are read from the file. Only the Keras paths import TensorFlow.
@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
-from bikewatch.preprocess import SIZE
+from bikewatch.decode.preprocess import SIZE
 
 CLASSES: tuple[str, str] = ("mountain", "road")
 CONTRACT_ENTRY = "bikewatch.json"
@@ -51,7 +51,7 @@ class InputContract:
     size: int = SIZE
     mirror: Mirror = "none"
     """``canonical``: each image is put in its canonical horizontal orientation first
-    (:func:`bikewatch.preprocess.canonical_orientation`), so a photo and its mirror image
+    (:func:`bikewatch.decode.preprocess.canonical_orientation`), so a photo and its mirror image
     get the same prediction by construction. Models before it have ``none``."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -70,7 +70,7 @@ class InputContract:
     def adapt(self, batch: np.ndarray) -> np.ndarray:
         """Map preprocessor output (N, 64, 64, 3) RGB 0..255 to this model's input."""
         if self.mirror == "canonical":
-            from bikewatch.preprocess import canonical_orientation
+            from bikewatch.decode.preprocess import canonical_orientation
 
             batch = canonical_orientation(batch)
         out = batch[..., ::-1] if self.channel_order == "BGR" else batch
@@ -194,7 +194,7 @@ def _compiled_call(keras_model: Any) -> Callable[[np.ndarray], Any]:
     and conversion on every call: 1.2 ms instead of 1.9 ms for a batch of one, most of it
     Python that holds the GIL the service's other threads need.
     """
-    from bikewatch.runtime import require_tensorflow
+    from bikewatch.inference.runtime import require_tensorflow
 
     tf = require_tensorflow("running a Keras model")
 
@@ -223,7 +223,7 @@ def load_classifier(path: str | os.PathLike[str] | None = None, backend: Backend
     where TensorFlow is installed; ``litert`` insists on LiteRT; ``keras`` (GPU, training,
     ``convert``) loads the Keras layers.
     """
-    from bikewatch.runtime import TensorFlowMissing, read_tflite, tensorflow_installed
+    from bikewatch.inference.runtime import TensorFlowMissing, read_tflite, tensorflow_installed
 
     model_path = Path(path) if path is not None else default_model_path()
     if not model_path.exists():
@@ -268,7 +268,7 @@ def _read_tflite(path: Path, read: Callable[[Path], bytes | None]) -> bytes | No
 
 def _litert_classifier(path: Path, lite: bytes, identity: str) -> Classifier:
     """A classifier that runs the LiteRT flatbuffer; the contract comes from the same file."""
-    from bikewatch.runtime import LiteRTRunner
+    from bikewatch.inference.runtime import LiteRTRunner
 
     contract = read_contract(path)
     if contract is None:
@@ -302,7 +302,7 @@ def read_contract(path: Path) -> InputContract | None:
 
 
 def _load_keras(path: Path) -> tuple[Any, InputContract]:
-    from bikewatch.runtime import require_tensorflow
+    from bikewatch.inference.runtime import require_tensorflow
 
     require_tensorflow(f"loading {path.name} into Keras")
     import keras
@@ -326,7 +326,7 @@ def _load_keras(path: Path) -> tuple[Any, InputContract]:
 
 def _load_legacy_h5(path: Path) -> tuple[Any, InputContract]:
     """The seed notebook's HDF5 file: same architecture, weights only, BGR 0..255."""
-    from bikewatch.runtime import require_tensorflow
+    from bikewatch.inference.runtime import require_tensorflow
 
     require_tensorflow(f"reading the legacy weights {path.name}")
     contract = read_contract(path) or SEED_CONTRACT
@@ -361,10 +361,10 @@ def _inference_copy(model: Any) -> Any:
 def save_model(model: Any, path: str | os.PathLike[str], contract: InputContract) -> Path:
     """Write a ``.keras`` file with its contract and its LiteRT form inside, atomically (tmp + rename).
 
-    The service runs the LiteRT entry (:data:`bikewatch.runtime.TFLITE_ENTRY`) without TensorFlow;
+    The service runs the LiteRT entry (:data:`bikewatch.inference.runtime.TFLITE_ENTRY`) without TensorFlow;
     Keras (training, the GPU) reads the rest of the same file.
     """
-    from bikewatch.runtime import TFLITE_ENTRY, convert_keras
+    from bikewatch.inference.runtime import TFLITE_ENTRY, convert_keras
 
     target = Path(path)
     if target.suffix != ".keras":

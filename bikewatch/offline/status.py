@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from bikewatch.ledger import read_rows
+from bikewatch.store.ledger import read_rows
 
 EXIT_RUNNING, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 2, 3
 LABELS: tuple[str, ...] = ("mountain", "road", "unsure", "rejected")
@@ -229,7 +229,7 @@ def summarize(rows: Iterable[Mapping[str, str]], today: dt.date) -> LogSummary:
 
 def count_waiting(inbox: Path, ignore: tuple[str, ...], state_dir: Path) -> int | None:
     """Files in the inbox that bikewatch will take (not ignored); None when it cannot be listed."""
-    from bikewatch.watching import scan
+    from bikewatch.intake.watching import scan
 
     try:
         return sum(1 for _ in scan(inbox, ignore, skip=[state_dir]))
