@@ -1,4 +1,4 @@
-"""``bikewatch bench``: how fast bikewatch sorts, against the seed notebook, in one run.
+"""``./dev bench``: how fast bikewatch sorts, against the seed notebook, in one run.
 
 On the same photos and the same machine it measures:
 

@@ -1,4 +1,4 @@
-"""``bikewatch bench --camera``: a camera dump, sorted from embedded previews, against the full-image decode limit.
+"""``./dev bench --camera``: a camera dump, sorted from embedded previews, against the full-image decode limit.
 
 A real dump comes off a phone or a camera: 4000x3000 JPEGs of 2 to 6 MB, each with a
 160x120 DCF preview in its EXIF block. On the same freshly made files, in one run:

@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/wx_seccomp.py .venv/bin/bikewatch classify photo.jpg
 EPERM for mmap(PROT_WRITE|PROT_EXEC), mprotect/pkey_mprotect(PROT_EXEC) and shmat(SHM_EXEC), as
-systemd 252 installs them; systemd >= 254 uses the kernel's PR_SET_MDWE instead (bikewatch bench).
+systemd 252 installs them; systemd >= 254 uses the kernel's PR_SET_MDWE instead (./dev bench).
 """
 import ctypes
 import os

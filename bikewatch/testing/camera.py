@@ -1,6 +1,6 @@
 """Camera-like JPEGs made with Pillow: the full image with its downscaled preview embedded as DCF does.
 
-For the benchmark (``bikewatch bench --camera``) and the tests: Pillow writes an EXIF
+For the benchmark (``./dev bench --camera``) and the tests: Pillow writes an EXIF
 block but not IFD1's preview, so the TIFF structure is built here by hand, little-endian,
 as cameras write it: IFD0 (orientation), then IFD1 (JPEG compression, the preview's
 offset and length, tags 0x0103, 0x0201, 0x0202), then the preview's bytes, all in APP1.
