@@ -14,15 +14,10 @@ from typing import Sequence
 
 from bikewatch import __version__
 from bikewatch.cli import classify, convert, corrections, evaluate, report, run, sort, status, train
+from bikewatch.exits import Exit
 
 COMMANDS = (run, sort, classify, train, convert, evaluate, report, corrections, status)
 """The command modules, in the order ``bikewatch --help`` lists them."""
-
-INTERRUPTED = 130
-"""128 + SIGINT, as a shell reports Ctrl-C."""
-BROKEN_PIPE = 141
-"""128 + SIGPIPE, as a shell reports a process killed by it."""
-
 
 def _quiet_tensorflow() -> None:
     """TensorFlow's C++ start-up chatter drowns the messages people need to read."""
@@ -50,14 +45,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except KeyboardInterrupt:
-        return INTERRUPTED
+        return Exit.INTERRUPTED
     except BrokenPipeError:
         # `bikewatch status | head -1`: the reader left. Say nothing more, like other Unix tools;
         # stdout goes to /dev/null so that the flush at exit does not raise again.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-        return BROKEN_PIPE
+        return Exit.BROKEN_PIPE
 
 
 if __name__ == "__main__":

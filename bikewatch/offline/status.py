@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from bikewatch.exits import Exit
 from bikewatch.store.ledger import read_rows
 
-EXIT_RUNNING, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 2, 3
 LABELS: tuple[str, ...] = ("mountain", "road", "unsure", "rejected")
 REMOTE_FRESH_SECONDS = 120.0
 """A worker on another host (shared inbox) counts as running while its file is this fresh."""
@@ -344,10 +344,10 @@ def run_status(args: argparse.Namespace) -> int:
         settings = load_settings(args.config)
     except ConfigError as exc:
         print(f"bikewatch: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return Exit.USAGE
     info = gather(settings)
     if getattr(args, "json", False):
         print(json.dumps(info, indent=2, default=str))
     else:
         print(format_text(info))
-    return EXIT_RUNNING if info["running"] else EXIT_NOT_RUNNING
+    return Exit.OK if info["running"] else Exit.NOT_RUNNING
