@@ -13,17 +13,15 @@ share the name is never mistaken for the moved one.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from bikewatch.files import sha256_file
+from bikewatch.labels import CLASSES, FOLDERS, SORTED
 from bikewatch.store.ledger import read_rows
 
-LABEL_FOLDERS: tuple[str, ...] = ("mountain", "road", "unsure", "rejected")
-"""Folders bikewatch delivers into; a moved photo is looked for in each of them."""
-SORTED_LABELS: tuple[str, ...] = ("mountain", "road", "unsure")
 
 
 def resolve_log(log: Path | None, config: Path | None) -> Path:
@@ -56,14 +54,11 @@ def _size(path: Path) -> int | None:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+    """The file's sha256, or "" when it cannot be read (then it matches no row: not the moved photo)."""
     try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        return sha256_file(path)
     except OSError:
         return ""
-    return h.hexdigest()
 
 
 def _as_int(text: str) -> int | None:
@@ -89,7 +84,7 @@ def locate(row: Mapping[str, str]) -> Location:
         return Location(None, "", False)
     root = dest.parent.parent
     want_sha = row.get("sha256", "")
-    for folder in LABEL_FOLDERS:
+    for folder in FOLDERS:  # a moved photo is looked for in each folder bikewatch delivers into
         if folder == dest.parent.name:
             continue
         candidate = root / folder / dest.name
@@ -146,7 +141,7 @@ def find_corrections(rows: Iterable[Mapping[str, str]]) -> Findings:
     missing: list[Mapping[str, str]] = []
     checked = 0
     for row in latest_per_destination(rows):
-        if row.get("label") not in SORTED_LABELS or not row.get("destination"):
+        if row.get("label") not in SORTED or not row.get("destination"):
             continue
         checked += 1
         where = locate(row)
@@ -189,7 +184,6 @@ def corrections_dataset(corrections: Iterable[Correction]):  # -> bikewatch.offl
     """
     import numpy as np
 
-    from bikewatch.inference.model import CLASSES
     from bikewatch.decode.preprocess import PreprocessError, preprocess_file
     from bikewatch.offline.training import Dataset
 

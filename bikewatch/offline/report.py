@@ -26,10 +26,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
+from bikewatch.clock import parse_timestamp
+from bikewatch.files import replacing
+from bikewatch.labels import CLASSES, SORTED, Label
 from bikewatch.offline.corrections import confidence_of, locate
 
-GROUPS: tuple[str, ...] = ("mountain", "road", "unsure")
-REJECTED = "rejected"
+GROUPS: tuple[str, ...] = SORTED
+"""The sheet's sections of thumbnails, in order; rejected files are listed after them."""
+REJECTED = Label.REJECTED.value
 DEFAULT_LIMIT = 200
 MAX_THUMB_PIXELS = 100_000_000
 
@@ -63,14 +67,6 @@ def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
             "a duration back from now (90m, 24h, 7d, 2w), today or yesterday"
         ) from None
     return when.astimezone()  # naive means local time
-
-
-def parse_timestamp(text: str) -> dt.datetime | None:
-    try:
-        when = dt.datetime.fromisoformat(text)
-    except (TypeError, ValueError):
-        return None
-    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)  # the log writes UTC
 
 
 # ----------------------------------------------------------------------------- the sheet
@@ -136,7 +132,7 @@ def _lean(row: Mapping[str, str], label: str) -> str:
         pm, pr = float(row.get("p_mountain", "")), float(row.get("p_road", ""))
     except ValueError:
         return label
-    return "road" if pr > pm else "mountain"
+    return CLASSES[int(pr > pm)]
 
 
 def build_sheet(
@@ -188,10 +184,10 @@ def locate_entries(sheet: Sheet, finder: Callable[[Mapping[str, str]], object] =
 Color = tuple[int, int, int]
 HEADER_COLORS: dict[str, Color] = {
     "title": (38, 50, 56),
-    "mountain": (46, 125, 50),
-    "road": (21, 101, 192),
-    "unsure": (239, 140, 0),
-    "rejected": (198, 40, 40),
+    Label.MOUNTAIN.value: (46, 125, 50),
+    Label.ROAD.value: (21, 101, 192),
+    Label.UNSURE.value: (239, 140, 0),
+    Label.REJECTED.value: (198, 40, 40),
 }
 BACKGROUND: Color = (250, 250, 250)
 TEXT: Color = (33, 33, 33)
@@ -275,7 +271,7 @@ def fmt_local(when: dt.datetime | None) -> str:
 def caption_for(entry: Entry) -> tuple[str, str]:
     """(confidence line, file name line) under a thumbnail."""
     conf = "?" if entry.confidence is None else f"{entry.confidence:.3f}"
-    first = f"{conf} {entry.lean}?" if entry.label == "unsure" else conf
+    first = f"{conf} {entry.lean}?" if entry.label == Label.UNSURE else conf
     if entry.moved:
         first += f" -> now {entry.current}/"
     elif entry.located and entry.found is None:
@@ -596,11 +592,9 @@ def write_report(
         raise ValueError(f"--out must end in .png or .html (got {out})")
     generated = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M")
     sheet = locate_entries(build_sheet(rows, since=since, limit=limit, log=log, generated=generated))
-    tmp = out.with_name(f".{out.name}.tmp")
-    if kind == ".png":
-        lay = layout(sheet, style)
-        draw_png(lay, style=style).save(tmp, "PNG", optimize=False)
-    else:
-        tmp.write_text(render_html(sheet, style=style), encoding="utf-8")
-    os.replace(tmp, out)
+    with replacing(out) as tmp:  # a browser reloading the sheet sees the old one or the new one, whole
+        if kind == ".png":
+            draw_png(layout(sheet, style), style=style).save(tmp, "PNG", optimize=False)
+        else:
+            tmp.write_text(render_html(sheet, style=style), encoding="utf-8")
     return sheet
