@@ -16,11 +16,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from bikewatch.files import sha256_file
 from bikewatch.labels import CLASSES, FOLDERS, SORTED
 from bikewatch.store.ledger import read_rows
+
+if TYPE_CHECKING:  # numpy, the model and training load only when a correction is evaluated
+    from bikewatch.inference.model import Classifier
+    from bikewatch.offline.training import Dataset
 
 
 
@@ -176,7 +180,7 @@ def summary(findings: Findings) -> str:
     return text
 
 
-def corrections_dataset(corrections: Iterable[Correction]):  # -> bikewatch.offline.training.Dataset | None
+def corrections_dataset(corrections: Iterable[Correction]) -> Dataset | None:
     """The corrected photos as an evaluation set: true class = the folder a person put them in.
 
     Photos moved to ``unsure/`` or ``rejected/`` carry no class and are left out;
@@ -202,14 +206,15 @@ def corrections_dataset(corrections: Iterable[Correction]):  # -> bikewatch.offl
     return Dataset(tuple(paths), np.stack(arrays), np.array(labels, dtype=np.int64))
 
 
-def evaluate_corrections(log: Path, *, before=None, after=None, echo=print) -> dict:
+def evaluate_corrections(log: Path, *, before: Classifier | None = None, after: Classifier | None = None,
+                         echo: Callable[[str], Any] = print) -> dict[str, Any]:
     """Accuracy on the photos people corrected, for ``before`` (the base model) and ``after``
     (the newly trained one), both :class:`bikewatch.inference.model.Classifier`; for ``train --log``."""
     from bikewatch.offline.training import evaluate
 
     findings = find_corrections_in_log(log)
     data = corrections_dataset(findings.corrections)
-    result: dict = {"log": str(log), "photos": 0 if data is None else len(data)}
+    result: dict[str, Any] = {"log": str(log), "photos": 0 if data is None else len(data)}
     if data is None:
         echo(f"corrections: no photos in {log} were moved to the other class folder; nothing to compare")
         return result

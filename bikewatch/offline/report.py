@@ -24,12 +24,17 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 from bikewatch.clock import parse_timestamp
 from bikewatch.files import replacing
 from bikewatch.labels import CLASSES, SORTED, Label
 from bikewatch.offline.corrections import confidence_of, locate
+
+if TYPE_CHECKING:  # Pillow is imported where a sheet is drawn, not where one is built
+    from PIL import Image, ImageDraw, ImageFont
+
+    Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
 
 GROUPS: tuple[str, ...] = SORTED
 """The sheet's sections of thumbnails, in order; rejected files are listed after them."""
@@ -375,7 +380,7 @@ def layout(sheet: Sheet, style: Style = Style()) -> Layout:
 # ----------------------------------------------------------------------------- thumbnails
 
 
-def load_thumbnail(path: Path | None, size: int):  # -> PIL.Image.Image | None
+def load_thumbnail(path: Path | None, size: int) -> Image.Image | None:
     """A thumbnail fitting ``size`` x ``size``, upright (EXIF), RGB; None when unreadable."""
     from PIL import Image, ImageOps
 
@@ -401,7 +406,7 @@ def load_thumbnail(path: Path | None, size: int):  # -> PIL.Image.Image | None
     return rgb
 
 
-def default_font(size: int):  # -> PIL.ImageFont font
+def default_font(size: int) -> Font:
     """Pillow's built-in font (no font files needed) at ``size`` where Pillow can scale it."""
     from PIL import ImageFont
 
@@ -411,7 +416,7 @@ def default_font(size: int):  # -> PIL.ImageFont font
         return ImageFont.load_default()
 
 
-def placeholder(size: int, text: str, font_size: int = Style.font):  # -> PIL.Image.Image
+def placeholder(size: int, text: str, font_size: int = Style.font) -> Image.Image:
     from PIL import Image, ImageDraw
 
     im = Image.new("RGB", (size, size), PLACEHOLDER)
@@ -430,9 +435,9 @@ def placeholder_text(entry: Entry) -> str:
     return "file not found" if entry.found is None else "cannot read"
 
 
-def thumbnails(entries: Sequence[Entry], size: int, workers: int | None = None) -> list:
+def thumbnails(entries: Sequence[Entry], size: int, workers: int | None = None) -> list[Image.Image]:
     """Thumbnails (or placeholders) for ``entries``, decoded in parallel."""
-    def one(e: Entry):
+    def one(e: Entry) -> Image.Image:
         return load_thumbnail(e.found, size) or placeholder(size, placeholder_text(e))
 
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 2)) as pool:
@@ -442,7 +447,7 @@ def thumbnails(entries: Sequence[Entry], size: int, workers: int | None = None) 
 # ----------------------------------------------------------------------------- PNG
 
 
-def _fit(draw, text: str, font, max_width: int, middle: bool = False) -> str:
+def _fit(draw: ImageDraw.ImageDraw, text: str, font: Font, max_width: int, middle: bool = False) -> str:
     """``text`` shortened with "..." (at the end, or in the middle) to fit ``max_width`` pixels."""
     if not max_width or draw.textlength(text, font=font) <= max_width:
         return text
@@ -459,7 +464,7 @@ def _fit(draw, text: str, font, max_width: int, middle: bool = False) -> str:
     return text + "..."
 
 
-def draw_png(lay: Layout, images: Sequence | None = None, style: Style = Style()):  # -> PIL.Image.Image
+def draw_png(lay: Layout, images: Sequence[Image.Image] | None = None, style: Style = Style()) -> Image.Image:
     """Draw a layout; ``images`` are the cells' thumbnails in order (loaded when None)."""
     from PIL import Image, ImageDraw
 
@@ -515,7 +520,7 @@ def _conf_class(c: float | None) -> str:
     return "c-low" if c is None or c < 0.6 else "c-mid" if c < 0.8 else "c-high"
 
 
-def _data_uri(image, fmt: str = "JPEG") -> str:
+def _data_uri(image: Image.Image, fmt: str = "JPEG") -> str:
     buf = io.BytesIO()
     if fmt == "JPEG":
         image.save(buf, "JPEG", quality=82)
@@ -526,7 +531,7 @@ def _data_uri(image, fmt: str = "JPEG") -> str:
     return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 
 
-def render_html(sheet: Sheet, images: Sequence | None = None, style: Style = Style()) -> str:
+def render_html(sheet: Sheet, images: Sequence[Image.Image] | None = None, style: Style = Style()) -> str:
     """One self-contained HTML page; ``images`` are the shown entries' thumbnails in group order."""
     entries = [e for g in sheet.groups for e in g.entries]
     if images is None:
