@@ -7,7 +7,6 @@ sorting by moving files, then retrain on what they corrected.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import os
@@ -21,6 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from bikewatch.clock import utc_now
 from bikewatch.files import sha256_file, write_atomic
 from bikewatch.inference.model import Classifier, InputContract, build_cnn, compile_cnn, save_model
 from bikewatch.labels import CLASSES
@@ -257,7 +257,7 @@ def model_card(
 ) -> dict[str, Any]:
     return {
         "model": model_path.name,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_now("seconds"),
         "contract": contract.to_json(),
         "architecture": "seed CNN: Conv32x2-Pool-Conv32x2-Pool-Conv32-Pool-Flatten-Dropout0.25-Dense32-Dense16-Dense2",
         "training": {
