@@ -10,12 +10,18 @@ import tempfile
 from typing import Any, Iterator, TextIO
 
 import structlog
+from structlog.typing import EventDict
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
 def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
-    """``fmt`` is auto, json or console; auto means console only when ``stream`` is a terminal."""
+    """``fmt`` is auto, json or console; auto means console only when ``stream`` is a terminal.
+
+    structlog's own records and the standard library's (watchdog's, TensorFlow's, Python
+    warnings) go to ``stream`` in the same format, so that under systemd every journal line
+    of the service is one JSON object. Calling it again replaces the earlier set-up.
+    """
     stream = stream or sys.stdout
     reconfigure = getattr(stream, "reconfigure", None)
     if reconfigure is not None:
@@ -28,22 +34,55 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         if use_console
         else structlog.processors.JSONRenderer(ensure_ascii=False)
     )
-    processors: list[Any] = [
+    shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    if not use_console:
-        processors.append(structlog.processors.format_exc_info)
-    processors.append(renderer)
+    # JSON carries a traceback as one string; the console renderer prints it itself.
+    tracebacks: list[Any] = [] if use_console else [structlog.processors.format_exc_info]
+    threshold = _LEVELS.get(level, logging.INFO)
     structlog.configure(
-        processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
+        processors=[*shared, *tracebacks, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
         logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
-    # Libraries that use stdlib logging (watchdog) go to stderr at warning level and above.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, _strip_event, *tracebacks],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    _route_stdlib(stream, formatter, max(threshold, logging.WARNING))
+
+
+class _StdlibHandler(logging.StreamHandler[TextIO]):
+    """The root handler :func:`configure` installs; its type tells it apart from others' (pytest's)."""
+
+
+def _strip_event(_logger: Any, _method: str, event: EventDict) -> EventDict:
+    """A stdlib message may end in a newline (a Python warning always does); a log line does not."""
+    if isinstance(event.get("event"), str):
+        event["event"] = event["event"].rstrip()
+    return event
+
+
+def _route_stdlib(stream: TextIO, formatter: logging.Formatter, level: int) -> None:
+    """Standard-library records at ``level`` and above (libraries' info chatter stays out) to ``stream``."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StdlibHandler)]:
+        root.removeHandler(old)
+    handler = _StdlibHandler(stream)
+    handler.setFormatter(formatter)
+    handler.setLevel(level)
+    root.addHandler(handler)
+    # The root logger stays at warning whatever ``level`` is: handlers of their own on a library's
+    # logger (the intake's watchdog overflow detector) still see its warnings at log_level = "error".
+    root.setLevel(logging.WARNING)
+    # warnings.warn() becomes a "py.warnings" record, rendered the same way. Off first: captureWarnings(True)
+    # does nothing when it was on before, even if something (warnings.catch_warnings) has since put its
+    # own warnings.showwarning back.
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
 
 
 def get_logger(**bind: Any) -> Any:

@@ -243,3 +243,17 @@ def test_html_says_how_many_were_left_out(tmp_path: Path) -> None:
     assert len(re.findall(r"<img\b", text)) == 5  # 2 mountain, 2 road, 1 unsure
     assert "1 more mountain photo not shown" in text
     assert "1 more rejected file not listed" not in text  # limit 2 lists both
+
+
+def test_a_sheet_that_cannot_be_written_leaves_no_temporary_file(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    log = make_run(tmp_path / "out", standard_specs())
+    sheets = tmp_path / "sheets"
+    (sheets / "today.html").mkdir(parents=True)  # a folder where the sheet should go: the rename fails
+    (sheets / "today.html" / "keep.txt").write_text("mine")
+    assert main(["report", "--log", str(log), "--out", str(sheets / "today.html")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    assert sorted(p.name for p in sheets.iterdir()) == ["today.html"]  # no .today.html.tmp-* left beside it
+    assert (sheets / "today.html" / "keep.txt").read_text() == "mine"
+    assert main(["report", "--log", str(log), "--out", str(sheets / "yesterday.html")]) == 0
+    assert sorted(p.name for p in sheets.iterdir()) == ["today.html", "yesterday.html"]

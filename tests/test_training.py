@@ -12,7 +12,8 @@ import pytest
 
 import imagefactory as f
 from bikewatch.cli import main
-from bikewatch.inference.model import CLASSES, InputContract
+from bikewatch.inference.model import InputContract
+from bikewatch.labels import CLASSES
 from bikewatch.offline.training import (
     compute_metrics,
     list_class_files,

@@ -15,7 +15,6 @@ weights are read from the file. Only the Keras paths import TensorFlow.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zipfile
@@ -27,8 +26,9 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 
 from bikewatch.decode.preprocess import SIZE
+from bikewatch.files import replacing, sha256_file
+from bikewatch.labels import CLASSES
 
-CLASSES: tuple[str, str] = ("mountain", "road")
 CONTRACT_ENTRY = "bikewatch.json"
 """Name of the contract inside a ``.keras`` zip; Keras ignores entries it does not know."""
 
@@ -151,14 +151,6 @@ def default_model_path() -> Path:
     return Path(str(resources.files("bikewatch") / "default_model" / "bikes.keras"))
 
 
-def file_digest(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class Classifier:
     """A loaded model plus its contract; ``predict`` is the only thing callers need."""
 
@@ -182,9 +174,6 @@ class Classifier:
             return np.zeros((0, 2), dtype=np.float32)
         probs = np.asarray(self._call(self.contract.adapt(batch)))
         return probs[:, self._order]
-
-    def labels(self, probs: np.ndarray) -> list[str]:
-        return [CLASSES[i] for i in np.argmax(probs, axis=1)]
 
 
 def _compiled_call(keras_model: Any) -> Callable[[np.ndarray], Any]:
@@ -231,7 +220,7 @@ def load_classifier(path: str | os.PathLike[str] | None = None, backend: Backend
     if not model_path.is_file():
         raise ModelError(f"model path is not a file: {model_path}")
     try:
-        digest = file_digest(model_path)
+        digest = sha256_file(model_path)
     except OSError as exc:
         raise ModelError(f"cannot read model file {model_path}: {exc.strerror or exc}") from exc
     with open(model_path, "rb") as fh:
@@ -370,16 +359,15 @@ def save_model(model: Any, path: str | os.PathLike[str], contract: InputContract
     if target.suffix != ".keras":
         raise ModelError(f"models are saved as .keras files, not {target.name}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}.keras")
     clean = _inference_copy(model)
     lite = convert_keras(clean)
-    clean.save(tmp)
-    with zipfile.ZipFile(tmp, "a") as zf:
-        zf.writestr(CONTRACT_ENTRY, json.dumps(contract.to_json(), indent=2))
-        zf.writestr(TFLITE_ENTRY, lite)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
+    # Durable: the service hot-reloads the model the moment its name changes; a power cut
+    # must not leave the new name on a file whose bytes never reached the disk.
+    with replacing(target, durable=True, suffix=".keras") as tmp:  # Keras saves only to NAME.keras
+        clean.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as zf:
+            zf.writestr(CONTRACT_ENTRY, json.dumps(contract.to_json(), indent=2))
+            zf.writestr(TFLITE_ENTRY, lite)
     return target
 
 

@@ -17,7 +17,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from bikewatch.inference.model import CLASSES, Classifier
+from bikewatch.inference.model import Classifier
+from bikewatch.labels import CLASSES
 from bikewatch.decode.preprocess import PreprocessError, is_image_name, preprocess_file
 
 CSV_COLUMNS = ("path", "label", "confidence", "p_mountain", "p_road", "error", "model")

@@ -13,17 +13,19 @@ share the name is never mistaken for the moved one.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
+from bikewatch.files import sha256_file
+from bikewatch.labels import CLASSES, FOLDERS, SORTED
 from bikewatch.store.ledger import read_rows
 
-LABEL_FOLDERS: tuple[str, ...] = ("mountain", "road", "unsure", "rejected")
-"""Folders bikewatch delivers into; a moved photo is looked for in each of them."""
-SORTED_LABELS: tuple[str, ...] = ("mountain", "road", "unsure")
+if TYPE_CHECKING:  # numpy, the model and training load only when a correction is evaluated
+    from bikewatch.inference.model import Classifier
+    from bikewatch.offline.training import Dataset
+
 
 
 def resolve_log(log: Path | None, config: Path | None) -> Path:
@@ -56,14 +58,11 @@ def _size(path: Path) -> int | None:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+    """The file's sha256, or "" when it cannot be read (then it matches no row: not the moved photo)."""
     try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        return sha256_file(path)
     except OSError:
         return ""
-    return h.hexdigest()
 
 
 def _as_int(text: str) -> int | None:
@@ -89,7 +88,7 @@ def locate(row: Mapping[str, str]) -> Location:
         return Location(None, "", False)
     root = dest.parent.parent
     want_sha = row.get("sha256", "")
-    for folder in LABEL_FOLDERS:
+    for folder in FOLDERS:  # a moved photo is looked for in each folder bikewatch delivers into
         if folder == dest.parent.name:
             continue
         candidate = root / folder / dest.name
@@ -146,7 +145,7 @@ def find_corrections(rows: Iterable[Mapping[str, str]]) -> Findings:
     missing: list[Mapping[str, str]] = []
     checked = 0
     for row in latest_per_destination(rows):
-        if row.get("label") not in SORTED_LABELS or not row.get("destination"):
+        if row.get("label") not in SORTED or not row.get("destination"):
             continue
         checked += 1
         where = locate(row)
@@ -181,7 +180,7 @@ def summary(findings: Findings) -> str:
     return text
 
 
-def corrections_dataset(corrections: Iterable[Correction]):  # -> bikewatch.offline.training.Dataset | None
+def corrections_dataset(corrections: Iterable[Correction]) -> Dataset | None:
     """The corrected photos as an evaluation set: true class = the folder a person put them in.
 
     Photos moved to ``unsure/`` or ``rejected/`` carry no class and are left out;
@@ -189,7 +188,6 @@ def corrections_dataset(corrections: Iterable[Correction]):  # -> bikewatch.offl
     """
     import numpy as np
 
-    from bikewatch.inference.model import CLASSES
     from bikewatch.decode.preprocess import PreprocessError, preprocess_file
     from bikewatch.offline.training import Dataset
 
@@ -208,14 +206,15 @@ def corrections_dataset(corrections: Iterable[Correction]):  # -> bikewatch.offl
     return Dataset(tuple(paths), np.stack(arrays), np.array(labels, dtype=np.int64))
 
 
-def evaluate_corrections(log: Path, *, before=None, after=None, echo=print) -> dict:
+def evaluate_corrections(log: Path, *, before: Classifier | None = None, after: Classifier | None = None,
+                         echo: Callable[[str], Any] = print) -> dict[str, Any]:
     """Accuracy on the photos people corrected, for ``before`` (the base model) and ``after``
     (the newly trained one), both :class:`bikewatch.inference.model.Classifier`; for ``train --log``."""
     from bikewatch.offline.training import evaluate
 
     findings = find_corrections_in_log(log)
     data = corrections_dataset(findings.corrections)
-    result: dict = {"log": str(log), "photos": 0 if data is None else len(data)}
+    result: dict[str, Any] = {"log": str(log), "photos": 0 if data is None else len(data)}
     if data is None:
         echo(f"corrections: no photos in {log} were moved to the other class folder; nothing to compare")
         return result

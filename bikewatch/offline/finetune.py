@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from bikewatch.inference.model import CLASSES, Classifier
+from bikewatch.inference.model import Classifier
+from bikewatch.labels import CLASSES
 from bikewatch.offline.training import (
     Dataset,
     Recipe,

@@ -24,12 +24,21 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
+from bikewatch.clock import parse_timestamp
+from bikewatch.files import replacing
+from bikewatch.labels import CLASSES, SORTED, Label
 from bikewatch.offline.corrections import confidence_of, locate
 
-GROUPS: tuple[str, ...] = ("mountain", "road", "unsure")
-REJECTED = "rejected"
+if TYPE_CHECKING:  # Pillow is imported where a sheet is drawn, not where one is built
+    from PIL import Image, ImageDraw, ImageFont
+
+    Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
+
+GROUPS: tuple[str, ...] = SORTED
+"""The sheet's sections of thumbnails, in order; rejected files are listed after them."""
+REJECTED = Label.REJECTED.value
 DEFAULT_LIMIT = 200
 MAX_THUMB_PIXELS = 100_000_000
 
@@ -63,14 +72,6 @@ def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
             "a duration back from now (90m, 24h, 7d, 2w), today or yesterday"
         ) from None
     return when.astimezone()  # naive means local time
-
-
-def parse_timestamp(text: str) -> dt.datetime | None:
-    try:
-        when = dt.datetime.fromisoformat(text)
-    except (TypeError, ValueError):
-        return None
-    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)  # the log writes UTC
 
 
 # ----------------------------------------------------------------------------- the sheet
@@ -136,7 +137,7 @@ def _lean(row: Mapping[str, str], label: str) -> str:
         pm, pr = float(row.get("p_mountain", "")), float(row.get("p_road", ""))
     except ValueError:
         return label
-    return "road" if pr > pm else "mountain"
+    return CLASSES[int(pr > pm)]
 
 
 def build_sheet(
@@ -188,10 +189,10 @@ def locate_entries(sheet: Sheet, finder: Callable[[Mapping[str, str]], object] =
 Color = tuple[int, int, int]
 HEADER_COLORS: dict[str, Color] = {
     "title": (38, 50, 56),
-    "mountain": (46, 125, 50),
-    "road": (21, 101, 192),
-    "unsure": (239, 140, 0),
-    "rejected": (198, 40, 40),
+    Label.MOUNTAIN.value: (46, 125, 50),
+    Label.ROAD.value: (21, 101, 192),
+    Label.UNSURE.value: (239, 140, 0),
+    Label.REJECTED.value: (198, 40, 40),
 }
 BACKGROUND: Color = (250, 250, 250)
 TEXT: Color = (33, 33, 33)
@@ -275,7 +276,7 @@ def fmt_local(when: dt.datetime | None) -> str:
 def caption_for(entry: Entry) -> tuple[str, str]:
     """(confidence line, file name line) under a thumbnail."""
     conf = "?" if entry.confidence is None else f"{entry.confidence:.3f}"
-    first = f"{conf} {entry.lean}?" if entry.label == "unsure" else conf
+    first = f"{conf} {entry.lean}?" if entry.label == Label.UNSURE else conf
     if entry.moved:
         first += f" -> now {entry.current}/"
     elif entry.located and entry.found is None:
@@ -379,7 +380,7 @@ def layout(sheet: Sheet, style: Style = Style()) -> Layout:
 # ----------------------------------------------------------------------------- thumbnails
 
 
-def load_thumbnail(path: Path | None, size: int):  # -> PIL.Image.Image | None
+def load_thumbnail(path: Path | None, size: int) -> Image.Image | None:
     """A thumbnail fitting ``size`` x ``size``, upright (EXIF), RGB; None when unreadable."""
     from PIL import Image, ImageOps
 
@@ -405,7 +406,7 @@ def load_thumbnail(path: Path | None, size: int):  # -> PIL.Image.Image | None
     return rgb
 
 
-def default_font(size: int):  # -> PIL.ImageFont font
+def default_font(size: int) -> Font:
     """Pillow's built-in font (no font files needed) at ``size`` where Pillow can scale it."""
     from PIL import ImageFont
 
@@ -415,7 +416,7 @@ def default_font(size: int):  # -> PIL.ImageFont font
         return ImageFont.load_default()
 
 
-def placeholder(size: int, text: str, font_size: int = Style.font):  # -> PIL.Image.Image
+def placeholder(size: int, text: str, font_size: int = Style.font) -> Image.Image:
     from PIL import Image, ImageDraw
 
     im = Image.new("RGB", (size, size), PLACEHOLDER)
@@ -434,9 +435,9 @@ def placeholder_text(entry: Entry) -> str:
     return "file not found" if entry.found is None else "cannot read"
 
 
-def thumbnails(entries: Sequence[Entry], size: int, workers: int | None = None) -> list:
+def thumbnails(entries: Sequence[Entry], size: int, workers: int | None = None) -> list[Image.Image]:
     """Thumbnails (or placeholders) for ``entries``, decoded in parallel."""
-    def one(e: Entry):
+    def one(e: Entry) -> Image.Image:
         return load_thumbnail(e.found, size) or placeholder(size, placeholder_text(e))
 
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 2)) as pool:
@@ -446,7 +447,7 @@ def thumbnails(entries: Sequence[Entry], size: int, workers: int | None = None) 
 # ----------------------------------------------------------------------------- PNG
 
 
-def _fit(draw, text: str, font, max_width: int, middle: bool = False) -> str:
+def _fit(draw: ImageDraw.ImageDraw, text: str, font: Font, max_width: int, middle: bool = False) -> str:
     """``text`` shortened with "..." (at the end, or in the middle) to fit ``max_width`` pixels."""
     if not max_width or draw.textlength(text, font=font) <= max_width:
         return text
@@ -463,7 +464,7 @@ def _fit(draw, text: str, font, max_width: int, middle: bool = False) -> str:
     return text + "..."
 
 
-def draw_png(lay: Layout, images: Sequence | None = None, style: Style = Style()):  # -> PIL.Image.Image
+def draw_png(lay: Layout, images: Sequence[Image.Image] | None = None, style: Style = Style()) -> Image.Image:
     """Draw a layout; ``images`` are the cells' thumbnails in order (loaded when None)."""
     from PIL import Image, ImageDraw
 
@@ -519,7 +520,7 @@ def _conf_class(c: float | None) -> str:
     return "c-low" if c is None or c < 0.6 else "c-mid" if c < 0.8 else "c-high"
 
 
-def _data_uri(image, fmt: str = "JPEG") -> str:
+def _data_uri(image: Image.Image, fmt: str = "JPEG") -> str:
     buf = io.BytesIO()
     if fmt == "JPEG":
         image.save(buf, "JPEG", quality=82)
@@ -530,7 +531,7 @@ def _data_uri(image, fmt: str = "JPEG") -> str:
     return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 
 
-def render_html(sheet: Sheet, images: Sequence | None = None, style: Style = Style()) -> str:
+def render_html(sheet: Sheet, images: Sequence[Image.Image] | None = None, style: Style = Style()) -> str:
     """One self-contained HTML page; ``images`` are the shown entries' thumbnails in group order."""
     entries = [e for g in sheet.groups for e in g.entries]
     if images is None:
@@ -596,11 +597,9 @@ def write_report(
         raise ValueError(f"--out must end in .png or .html (got {out})")
     generated = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M")
     sheet = locate_entries(build_sheet(rows, since=since, limit=limit, log=log, generated=generated))
-    tmp = out.with_name(f".{out.name}.tmp")
-    if kind == ".png":
-        lay = layout(sheet, style)
-        draw_png(lay, style=style).save(tmp, "PNG", optimize=False)
-    else:
-        tmp.write_text(render_html(sheet, style=style), encoding="utf-8")
-    os.replace(tmp, out)
+    with replacing(out) as tmp:  # a browser reloading the sheet sees the old one or the new one, whole
+        if kind == ".png":
+            draw_png(layout(sheet, style), style=style).save(tmp, "PNG", optimize=False)
+        else:
+            tmp.write_text(render_html(sheet, style=style), encoding="utf-8")
     return sheet

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from bikewatch.clock import parse_timestamp
+from bikewatch.exits import Exit
+from bikewatch.labels import FOLDERS
 from bikewatch.store.ledger import read_rows
 
-EXIT_RUNNING, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 2, 3
-LABELS: tuple[str, ...] = ("mountain", "road", "unsure", "rejected")
 REMOTE_FRESH_SECONDS = 120.0
 """A worker on another host (shared inbox) counts as running while its file is this fresh."""
 
@@ -115,14 +116,6 @@ class Worker:
             return 0
 
 
-def _parse_time(text: Any) -> dt.datetime | None:
-    try:
-        when = dt.datetime.fromisoformat(str(text))
-    except ValueError:
-        return None
-    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
-
-
 def judge(
     data: Mapping[str, Any],
     *,
@@ -146,7 +139,7 @@ def judge(
         return False, "status file without a pid"
     host = str(data.get("host", ""))
     if host and host != hostname:
-        updated = _parse_time(data.get("updated"))
+        updated = parse_timestamp(data.get("updated"))
         age = (now - updated).total_seconds() if updated else None
         if age is not None and age <= REMOTE_FRESH_SECONDS:
             return True, f"on host {host}: its pid cannot be checked from here; status {age:.0f} s old"
@@ -216,7 +209,7 @@ def summarize(rows: Iterable[Mapping[str, str]], today: dt.date) -> LogSummary:
         s.rows += 1
         label = row.get("label", "") or "?"
         s.total[label] += 1
-        when = _parse_time(row.get("timestamp", ""))
+        when = parse_timestamp(row.get("timestamp", ""))
         if when is not None and when.astimezone().date() == today:
             s.today[label] += 1
         # The log is appended in order, but several workers may interleave: keep the newest.
@@ -241,18 +234,18 @@ def count_waiting(inbox: Path, ignore: tuple[str, ...], state_dir: Path) -> int 
 
 
 def _counts(c: Mapping[str, int]) -> str:
-    parts = [f"{k} {c.get(k, 0)}" for k in LABELS]
-    parts += [f"{k} {v}" for k, v in sorted(c.items()) if k not in LABELS]
+    parts = [f"{k} {c.get(k, 0)}" for k in FOLDERS]
+    parts += [f"{k} {v}" for k, v in sorted(c.items()) if k not in FOLDERS]
     return ", ".join(parts) + f"  ({sum(c.values())} files)"
 
 
 def _local(text: str) -> str:
-    when = _parse_time(text)
+    when = parse_timestamp(text)
     return when.astimezone().strftime("%Y-%m-%d %H:%M:%S") if when else text
 
 
 def _ago(text: Any, now: dt.datetime) -> str:
-    when = _parse_time(text)
+    when = parse_timestamp(text)
     if when is None:
         return "?"
     secs = max(0, int((now - when).total_seconds()))
@@ -344,10 +337,10 @@ def run_status(args: argparse.Namespace) -> int:
         settings = load_settings(args.config)
     except ConfigError as exc:
         print(f"bikewatch: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return Exit.USAGE
     info = gather(settings)
     if getattr(args, "json", False):
         print(json.dumps(info, indent=2, default=str))
     else:
         print(format_text(info))
-    return EXIT_RUNNING if info["running"] else EXIT_NOT_RUNNING
+    return Exit.OK if info["running"] else Exit.NOT_RUNNING

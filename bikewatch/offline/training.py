@@ -7,7 +7,6 @@ sorting by moving files, then retrain on what they corrected.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import os
@@ -21,7 +20,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bikewatch.inference.model import CLASSES, Classifier, InputContract, build_cnn, compile_cnn, save_model
+from bikewatch.clock import utc_now
+from bikewatch.files import sha256_file, write_atomic
+from bikewatch.inference.model import Classifier, InputContract, build_cnn, compile_cnn, save_model
+from bikewatch.labels import CLASSES
 from bikewatch.decode.preprocess import PreprocessError, is_image_name, preprocess_file
 
 DEFAULT_EPOCHS = 20
@@ -50,7 +52,7 @@ class Dataset:
         h = hashlib.sha256()
         for path, label in sorted(zip((str(p) for p in self.paths), self.y.tolist())):
             h.update(f"{CLASSES[label]}/{Path(path).name}\0".encode())
-            h.update(hashlib.sha256(Path(path).read_bytes()).digest())
+            h.update(bytes.fromhex(sha256_file(path)))
         return h.hexdigest()
 
 
@@ -255,7 +257,7 @@ def model_card(
 ) -> dict[str, Any]:
     return {
         "model": model_path.name,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_now("seconds"),
         "contract": contract.to_json(),
         "architecture": "seed CNN: Conv32x2-Pool-Conv32x2-Pool-Conv32-Pool-Flatten-Dropout0.25-Dense32-Dense16-Dense2",
         "training": {
@@ -281,9 +283,7 @@ def model_card(
 
 def write_card(card: dict[str, Any], model_path: Path) -> Path:
     path = card_path(model_path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(card, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(card, indent=2) + "\n")  # a reader sees the old card or the new one
     return path
 
 

@@ -18,7 +18,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server, write_to_textfile
 
-LABELS: tuple[str, ...] = ("mountain", "road", "unsure", "rejected")
+from bikewatch.labels import FOLDERS, Label
+
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BATCH_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 MAX_REASON = 40
@@ -62,7 +63,7 @@ class Metrics:
             "bikewatch_read_ahead_total",
             "Files read and classified while they settled: used at the claim, or discarded (changed, gone, "
             "or read too soon after a change to vouch for).", ["outcome"], registry=r)
-        for label in LABELS:  # present from the start at 0, so rate() works from the first scrape
+        for label in FOLDERS:  # present from the start at 0, so rate() works from the first scrape
             self.photos.labels(label=label)
         for outcome in ("used", "discarded"):
             self.read_ahead.labels(outcome=outcome)
@@ -76,7 +77,7 @@ class Metrics:
     def count(self, label: str, reason: str = "", n: int = 1) -> None:
         """``n`` delivered files; ``reason`` is their error text (rejected files)."""
         self.photos.labels(label=label).inc(n)
-        if label == "rejected" or reason:
+        if label == Label.REJECTED or reason:
             self.rejected.labels(reason=reason_label(reason)).inc(n)
 
     def read_ahead_totals(self, used: int, discarded: int) -> None:
