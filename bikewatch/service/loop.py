@@ -42,6 +42,7 @@ from bikewatch.store.journal import (
     deliver_decided, free_name, recover_dir, journals, return_to_inbox, settle, write_journal,
 )
 from bikewatch.store.ledger import Ledger
+from bikewatch.service.accounting import Accounting
 from bikewatch.service.metrics import Metrics
 from bikewatch.logs import configure, get_logger, native_stderr_as_debug
 from bikewatch.inference.model import CLASSES, BackendChoice, Classifier, ModelError, load_classifier
@@ -107,15 +108,6 @@ class InFlight:
     early: dict[str, Usable] = field(default_factory=dict)  # read-ahead results, by inbox path
 
 
-@dataclass
-class Counts:
-    by_label: collections.Counter[str] = field(default_factory=collections.Counter)
-    reasons: collections.Counter[str] = field(default_factory=collections.Counter)
-    batches: int = 0
-    last_file: str = ""
-    last_error: str = ""
-
-
 class Service:
     def __init__(
         self,
@@ -127,7 +119,6 @@ class Service:
     ) -> None:
         self.s = settings
         self.oneshot = oneshot  # `bikewatch sort`: drain what is there, then return
-        self.on_batch = on_batch
         self.notifier = notifier
         self.log = get_logger()
         self.stop = threading.Event()
@@ -137,8 +128,9 @@ class Service:
         self.ledger = Ledger(settings.log_path)
         # Written into every journal: which CSV this worker records to, so any host can finish its batches there.
         self._origin = origin(settings.inbox, settings.log_path, socket.gethostname())
-        self.counts = Counts()
         self.metrics = Metrics()
+        self.accounting = Accounting(self.metrics, self.log, on_batch)  # every delivered file, however delivered
+        self.counts = self.accounting.counts
         self.inflight: collections.deque[InFlight] = collections.deque()
         self.taken: set[str] = set()  # inbox paths claimed or being claimed
         self.pending: list[Path] = []  # journals whose delivery must be retried
@@ -273,6 +265,7 @@ class Service:
                                    folder=folder.name, error=str(exc))
                 continue
             self._log_damage(res)
+            self.accounting.delivered(res.delivered, "recovery")
             dead = folder.name.removeprefix(ADOPTED_PREFIX)
             self.log.info("recovered work of a stopped worker", folder=dead,
                           delivered=len(res.delivered), returned=len(res.returned),
@@ -651,8 +644,10 @@ class Service:
             # still says "claimed": settling it puts the files back in the inbox, as the failed
             # batch's were; if even that fails, the retry does it.
             try:
-                self._log_damage(settle(batch.path, self.work.dir, inbox=self.s.inbox, output=self.s.output,
-                                        ledger=self.ledger, digest=digest_file))
+                res = settle(batch.path, self.work.dir, inbox=self.s.inbox, output=self.s.output,
+                             ledger=self.ledger, digest=digest_file)
+                self._log_damage(res)
+                self.accounting.delivered(res.delivered, "retry")  # a claimed journal: none, but one path
             except OSError:
                 self.pending.append(batch.path)
             self.taken.difference_update(it.source for it in batch.journal.items)
@@ -708,25 +703,11 @@ class Service:
         if self.backoff:
             self.log.info("output available again", output=str(self.s.output))
             self.backoff = 0.0
-        self.counts.batches += 1
-        self.metrics.observe_batch(len(items), time.monotonic() - batch.started)
-        for (label, error), n in collections.Counter((it.label, it.error) for it in result.delivered).items():
-            self.metrics.count(label, error, n)
-        for item in result.delivered:
-            self.counts.by_label[item.label] += 1
-            self.counts.last_file = item.dest
-            if item.error:
-                self.counts.reasons[item.error.split(":")[0]] += 1
-                self.counts.last_error = f"{item.source}: {item.error}"
-                self.log.warning("rejected", source=item.source, destination=item.dest, reason=item.error)
-            else:
-                self.log.info("sorted", source=item.source, destination=item.dest, label=item.label,
-                              confidence=round(item.confidence or 0.0, 4))
+        self.accounting.batch(len(items), time.monotonic() - batch.started)
+        self.accounting.delivered(result.delivered)
         self.log.info("batch", size=len(items), classified=good, read_ahead=len(batch.early),
                       infer_ms=round(infer_ms, 1), total_ms=round((time.monotonic() - batch.started) * 1000, 1))
         self._publish_status(time.monotonic(), force=True)
-        if self.on_batch:
-            self.on_batch(result.delivered)
 
     def _block(self, now: float) -> None:
         self.backoff = min(self.s.retry_max_seconds, max(1.0, self.backoff * 2))
@@ -765,9 +746,7 @@ class Service:
                 res = settle(path, self.work.dir, inbox=self.s.inbox, output=self.s.output, ledger=self.ledger,
                              digest=digest_file)
                 self._log_damage(res)
-                for item in res.delivered:
-                    self.counts.by_label[item.label] += 1
-                    self.metrics.count(item.label, item.error)
+                self.accounting.delivered(res.delivered, "retry")
             except OSError as exc:
                 still.append(path)
                 self.log.debug("retry failed", error=str(exc))
