@@ -158,3 +158,27 @@ def test_summary_counts_files_whose_rows_were_written_by_a_retry(tmp_path: Path)
     finally:
         if subprocess.run(["umount", str(logfs)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(logfs)], capture_output=True)
+
+
+# --------------------------------------------------------------------------- the dry run decodes as the daemon
+
+
+def test_dry_run_gives_the_daemons_reason_for_a_144_megapixel_png(tmp_path: Path) -> None:
+    """Same decode path and limits: the plan's reason is the one the daemon writes in the CSV."""
+    dump, out = tmp_path / "dump", tmp_path / "sorted"
+    _photos(dump, 2, seed=3)
+    Image.new("1", (12000, 12000), 1).save(dump / "huge.png")  # 144 megapixels, a few KiB on disk
+
+    plan = _sort(str(dump), "--output", str(out), "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    line = next(ln for ln in plan.stdout.splitlines() if "huge.png" in ln)
+    assert line.startswith(f"{dump / 'huge.png'} -> {out / 'rejected' / 'huge.png'} (rejected: ")
+    planned_reason = line.split("(rejected: ", 1)[1].removesuffix(")")
+    assert planned_reason.startswith("too large to decode safely"), line
+    assert "dry run: 3 files would be moved" in plan.stdout
+
+    done = _sort(str(dump), "--output", str(out))
+    assert done.returncode == 0, done.stderr
+    row = next(r for r in read_csv(out / "classifications.csv") if r["source"].endswith("huge.png"))
+    assert (row["label"], row["error"]) == ("rejected", planned_reason)
+    assert Path(row["destination"]) == out / "rejected" / "huge.png"

@@ -29,9 +29,10 @@ import numpy as np
 
 from bikewatch.decode.prepare import Prepared, digest_file, prepare
 
-from bikewatch.decision import LABEL_REJECTED, LABEL_UNSURE, decide
+from bikewatch.decision import LABEL_REJECTED, LABEL_UNSURE, decide_batch
 
 from bikewatch.inference.batch import BatchBuffer
+from bikewatch.inference.device import configure_device
 
 from bikewatch.service.dispatch import should_dispatch
 from bikewatch.config import ConfigError, Settings, describe, load_settings, validate
@@ -39,7 +40,7 @@ from bikewatch.decode.pool import DecodePool, Task
 from bikewatch.store.failover import origin, remove_status_of, sweep_status_files
 from bikewatch.store.journal import (
     ADOPTED_PREFIX, PHASE_CLAIMED, PHASE_DECIDED, DeliveryError, Item, Journal, SettleResult, WorkArea, claim,
-    deliver_decided, free_name, recover_dir, journals, return_to_inbox, settle, write_journal,
+    deliver_decided, recover_dir, journals, return_to_inbox, settle, write_journal,
 )
 from bikewatch.store.ledger import Ledger
 from bikewatch.service.accounting import Accounting
@@ -65,37 +66,6 @@ STATUS_BUSY_SECONDS = 1.0
 
 def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def configure_device(device: str) -> str:
-    """CPU (LiteRT, no TensorFlow) or GPU (TensorFlow) as asked; on a GPU, memory growth so the
-    service does not grab the whole card."""
-    from bikewatch.inference.runtime import TensorFlowMissing, inference_threads, require_tensorflow, resolve_backend
-
-    if resolve_backend(device) == "litert":
-        if device == "cpu":  # a model only Keras can run must not find the GPU either
-            os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        return f"cpu (LiteRT, {inference_threads()} threads)"
-    try:
-        tf = require_tensorflow("setting 'device': 'gpu'")
-    except TensorFlowMissing as exc:
-        raise ConfigError(
-            "setting 'device': 'gpu' needs TensorFlow with CUDA, which is not installed: pip install 'bikewatch[gpu]'"
-        ) from exc
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if device == "cpu":
-        if gpus:
-            tf.config.set_visible_devices([], "GPU")
-        return "cpu"
-    if device == "gpu" and not gpus:
-        raise ConfigError("setting 'device': 'gpu' was asked for but TensorFlow sees no GPU")
-    for gpu in gpus:
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:
-            pass
-    return f"gpu x{len(gpus)} ({gpus[0].name})" if gpus else "cpu"
 
 
 @dataclass
@@ -652,22 +622,8 @@ class Service:
                 self.pending.append(batch.path)
             self.taken.difference_update(it.source for it in batch.journal.items)
             return
-        items: list[Item] = []
-        chosen: dict[str, set[str]] = collections.defaultdict(set)
-        output, decided_at = os.fspath(self.s.output), utc_now()
-        for i, (item, prep) in enumerate(zip(batch.journal.items, prepared)):
-            if i not in by_index:
-                label, pm, pr = LABEL_REJECTED, None, None
-            else:
-                pm, pr = float(by_index[i][0]), float(by_index[i][1])
-                label = decide(pm, pr, self.s.unsure_below)
-            name = free_name(os.path.join(output, label), os.path.basename(item.source), chosen[label])
-            chosen[label].add(name)
-            items.append(Item(
-                key=item.key, source=item.source, label=label, p_mountain=pm, p_road=pr, sha256=prep.sha256,
-                size=prep.size, mtime_ns=prep.mtime_ns, error=prep.error, timestamp=decided_at, dest=f"{label}/{name}",
-                decoded_from=prep.decoded_from if i in by_index else "",
-            ))
+        items = decide_batch(batch.journal.items, prepared, by_index, unsure_below=self.s.unsure_below,
+                             output=self.s.output, decided_at=utc_now())
         journal = replace(batch.journal, phase=PHASE_DECIDED, items=tuple(items), model=self.classifier.identity)
         future = self._deliverer.submit(self._deliver, batch.path, journal, self.work.dir)
         self._delivering = (batch, journal, len(good), infer_ms, future)
