@@ -15,17 +15,14 @@ import numpy as np
 
 from bikewatch.decode.prepare import Prepared
 from bikewatch.labels import Label
-from bikewatch.store.journal import Item, free_name
-
-LABEL_REJECTED = Label.REJECTED.value
-LABEL_UNSURE = Label.UNSURE.value
-
+from bikewatch.store.deliver import free_name
+from bikewatch.store.journal import Item
 
 def decide(p_mountain: float, p_road: float, unsure_below: float) -> str:
     """Label from probabilities; ``unsure`` only when a threshold is set and not met."""
     label = Label.ROAD if p_road > p_mountain else Label.MOUNTAIN
     if unsure_below > 0 and max(p_mountain, p_road) < unsure_below:
-        return LABEL_UNSURE
+        return Label.UNSURE.value
     return label.value
 
 
@@ -58,7 +55,7 @@ def decide_batch(
             pm, pr = float(probs[i][0]), float(probs[i][1])
             label = decide(pm, pr, unsure_below)
         else:
-            label, pm, pr = LABEL_REJECTED, None, None
+            label, pm, pr = Label.REJECTED.value, None, None
         taken = chosen.setdefault(label, set())
         name = free_name(os.path.join(out, label), os.path.basename(item.source), taken)
         taken.add(name)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime as dt
 import json
 import os
 import signal
@@ -27,26 +26,31 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bikewatch.decode.prepare import Prepared, digest_file, prepare
+from bikewatch.decode.prepare import Prepared, prepare
 
-from bikewatch.decision import LABEL_REJECTED, LABEL_UNSURE, decide_batch
+from bikewatch.decision import decide_batch
 
 from bikewatch.inference.batch import BatchBuffer
 from bikewatch.inference.device import configure_device
 
 from bikewatch.service.dispatch import should_dispatch
+from bikewatch.clock import utc_now
+from bikewatch.labels import CLASSES, SORTED, Label
+from bikewatch.exits import Exit
+from bikewatch.files import write_atomic
 from bikewatch.config import ConfigError, Settings, describe, load_settings, validate
 from bikewatch.decode.pool import DecodePool, Task
 from bikewatch.store.failover import origin, remove_status_of, sweep_status_files
-from bikewatch.store.journal import (
-    ADOPTED_PREFIX, PHASE_CLAIMED, PHASE_DECIDED, DeliveryError, Item, Journal, SettleResult, WorkArea, claim,
-    deliver_decided, recover_dir, journals, return_to_inbox, settle, write_journal,
-)
+from bikewatch.store.claim import claim, return_to_inbox
+from bikewatch.store.deliver import BatchOutcome, DeliveryError, deliver_decided, finish_batch
+from bikewatch.store.journal import PHASE_CLAIMED, PHASE_DECIDED, Item, Journal, journals, write_journal
+from bikewatch.store.recovery import recover_dir
+from bikewatch.store.workarea import ADOPTED_PREFIX, WorkArea
 from bikewatch.store.ledger import Ledger
 from bikewatch.service.accounting import Accounting
 from bikewatch.service.metrics import Metrics
 from bikewatch.logs import configure, get_logger, native_stderr_as_debug
-from bikewatch.inference.model import CLASSES, BackendChoice, Classifier, ModelError, load_classifier
+from bikewatch.inference.model import BackendChoice, Classifier, ModelError, load_classifier
 from bikewatch.service.readahead import QUIET_SECONDS, ReadAhead, Usable
 from bikewatch.service.signals import SignalRelay
 from bikewatch.offline.status import identity
@@ -55,17 +59,12 @@ from bikewatch.intake.watching import (
     Hints, InboxWatcher, Readiness, Seen, is_ignored, mount_fstype, needs_polling, observe, scan,
 )
 
-EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 
 
 STATUS_IDLE_SECONDS = 5.0
 """How often STATUS, the status file and the metrics are refreshed with nothing happening."""
 STATUS_BUSY_SECONDS = 1.0
 """How soon after a finished batch they show it (not after every batch: see ``_publish_status``)."""
-
-
-def utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 @dataclass
@@ -103,7 +102,7 @@ class Service:
         self.counts = self.accounting.counts
         self.inflight: collections.deque[InFlight] = collections.deque()
         self.taken: set[str] = set()  # inbox paths claimed or being claimed
-        self.pending: list[Path] = []  # journals whose delivery must be retried
+        self.owed: list[Path] = []  # journals whose delivery must be retried (rows owed, files to return)
         self.orphans_left = False  # a dead worker's folder could not be recovered yet (output unusable)
         self._retired: set[str] = set()  # our own earlier work folders, gone with the inbox's filesystem
         self.blocked_until = 0.0
@@ -213,7 +212,7 @@ class Service:
             work.heartbeat(time.monotonic())  # a long recovery must not make us look dead to other hosts
             try:
                 res = recover_dir(folder, inbox=self.s.inbox, output=self.s.output, ledger=self.ledger,
-                                  digest=digest_file, on_return=on_return, stale_after=self.s.stale_worker_seconds)
+                                  on_return=on_return, stale_after=self.s.stale_worker_seconds)
             except OSError as exc:
                 # The output (or the CSV) cannot take them now; crashing here would only loop.
                 # The folder is ours now (adopted): send what was not placed back to the inbox;
@@ -243,7 +242,7 @@ class Service:
             remove_status_of(self.s.state_dir, dead)
         sweep_status_files(self.s.state_dir, self.s.stale_worker_seconds)
 
-    def _log_damage(self, res: SettleResult) -> None:
+    def _log_damage(self, res: BatchOutcome) -> None:
         """One error per damaged journal; one warning per batch whose worker's CSV cannot be reached."""
         for journal, moved, why in res.quarantined:
             self.log.error("damaged batch journal moved to quarantine; its photos are kept",
@@ -293,8 +292,8 @@ class Service:
             self.metrics.set_model(self.classifier.identity)
         except ModelError as exc:
             self.log.error("cannot load model", error=str(exc))
-            return EXIT_CONFIG
-        folders = [*CLASSES, LABEL_REJECTED] + ([LABEL_UNSURE] if self.s.unsure_below > 0 else [])
+            return Exit.USAGE
+        folders = [*CLASSES, Label.REJECTED] + ([Label.UNSURE] if self.s.unsure_below > 0 else [])
         for name in folders:
             (self.s.output / name).mkdir(parents=True, exist_ok=True)
         try:
@@ -327,7 +326,7 @@ class Service:
                 self.watcher.stop()
             self.work.close()  # may be a newer one than `work` (see _renew_work_area)
         self.log.info("stopped", **self._summary())
-        return EXIT_OK
+        return Exit.OK
 
     # ----- the loop ---------------------------------------------------------------------------
 
@@ -346,9 +345,9 @@ class Service:
             if stopping and not self.inflight:
                 self._join_delivery()
                 return
-            if self.oneshot and not self.inflight and not len(self.readiness) and not self.pending:
+            if self.oneshot and not self.inflight and not len(self.readiness) and not self.owed:
                 self._join_delivery()
-                if not self.pending:
+                if not self.owed:
                     return
             paths, closed, rescan = self.hints.take()
             for rel in sorted(paths):  # in Readiness's order (same clock, then name): nothing to re-sort
@@ -363,13 +362,13 @@ class Service:
                     self._recover(self.work)  # a worker that died and was never restarted
                 next_scan = now + (self.s.poll_interval_seconds if self.polling else self.s.rescan_seconds)
             self._maybe_reload_model(now)
-            if (self.pending or self.orphans_left) and now >= self.blocked_until:
-                self._retry_pending(now)
+            if (self.owed or self.orphans_left) and now >= self.blocked_until:
+                self._retry_owed(now)
             # Keep up to three batches in flight: the next two are claimed and decoded on other
             # threads while the model works on the first, so the cores never wait for a claim.
             # Nothing new is taken while an earlier batch still waits for the output or the CSV.
             while (len(self.inflight) < 3 and not stopping and now >= self.blocked_until and self.inbox_ok
-                   and not self.pending and not self.orphans_left):
+                   and not self.owed and not self.orphans_left):
                 if not self._maybe_dispatch(pool, now):
                     break
             if not stopping and self._read_ahead(pool, now):
@@ -390,7 +389,7 @@ class Service:
         if self._ready_since:
             oldest = min(self._ready_since.values())
             waits.append(oldest + self.s.max_wait_ms / 1000 - now)
-        if self.pending or self.blocked_until > now:
+        if self.owed or self.blocked_until > now:
             waits.append(self.blocked_until - now)
         if self.notifier.watchdog_interval:
             waits.append(self.notifier.watchdog_interval / 2)
@@ -468,7 +467,7 @@ class Service:
         old.close()
         self._retired.add(old.name)  # if its filesystem comes back, recovery finishes what it holds
         # Batches journalled in the vanished folder went with it; waiting for them would block for ever.
-        self.pending = [p for p in self.pending if p.parent != old.dir]
+        self.owed = [p for p in self.owed if p.parent != old.dir]
         self.log.error("work folder vanished with the inbox's filesystem; started a new one",
                        previous=old.name, folder=self.work.name)
         self._recover(self.work)
@@ -582,7 +581,7 @@ class Service:
                 self.log.error("cannot claim files", error=str(exc))
                 # A claim cut short (the inbox went away mid-batch) leaves a journal and maybe some
                 # claimed files: the retry settles it, which puts them back in the inbox.
-                self.pending.append(batch.path)
+                self.owed.append(batch.path)
                 self._block(time.monotonic())
                 self.taken.difference_update(it.source for it in batch.journal.items)
                 return
@@ -609,17 +608,17 @@ class Service:
         infer_ms = (time.monotonic() - t0) * 1000
         good = sorted(by_index)
         self._join_delivery()  # the previous batch's files are in place before names are chosen
-        if self.pending:
+        if self.owed:
             # That delivery (or another) failed: place nothing more while rows are owed. The journal
             # still says "claimed": settling it puts the files back in the inbox, as the failed
             # batch's were; if even that fails, the retry does it.
             try:
-                res = settle(batch.path, self.work.dir, inbox=self.s.inbox, output=self.s.output,
-                             ledger=self.ledger, digest=digest_file)
+                res = finish_batch(batch.path, self.work.dir, inbox=self.s.inbox, output=self.s.output,
+                                   ledger=self.ledger)
                 self._log_damage(res)
                 self.accounting.delivered(res.delivered, "retry")  # a claimed journal: none, but one path
             except OSError:
-                self.pending.append(batch.path)
+                self.owed.append(batch.path)
             self.taken.difference_update(it.source for it in batch.journal.items)
             return
         items = decide_batch(batch.journal.items, prepared, by_index, unsure_below=self.s.unsure_below,
@@ -628,11 +627,10 @@ class Service:
         future = self._deliverer.submit(self._deliver, batch.path, journal, self.work.dir)
         self._delivering = (batch, journal, len(good), infer_ms, future)
 
-    def _deliver(self, path: Path, journal: Journal, work_dir: Path) -> SettleResult:
+    def _deliver(self, path: Path, journal: Journal, work_dir: Path) -> BatchOutcome:
         """On the deliverer thread: record the decision durably, then place the files and write the rows."""
         write_journal(path, journal)
-        return deliver_decided(path, journal, work_dir, inbox=self.s.inbox, output=self.s.output, ledger=self.ledger,
-                               digest=digest_file)
+        return deliver_decided(path, journal, work_dir, inbox=self.s.inbox, output=self.s.output, ledger=self.ledger)
 
     def _join_delivery(self) -> None:
         """Wait for the batch on the deliverer thread (if any) and account for it, on the main thread."""
@@ -650,7 +648,7 @@ class Service:
         except OSError as exc:
             # The work area itself failed (inbox filesystem trouble): leave the journal for retry.
             self.log.error("cannot record batch; will retry", error=str(exc), batch=journal.batch)
-            self.pending.append(batch.path)
+            self.owed.append(batch.path)
             self._block(time.monotonic())
             self.taken.difference_update(it.source for it in batch.journal.items)
             return
@@ -676,7 +674,7 @@ class Service:
             returned = []
         first = not self.backoff
         self._block(time.monotonic())
-        self.pending.append(journal_path)
+        self.owed.append(journal_path)
         msg = "output unavailable; photos stay in the inbox, retrying"
         fields = dict(error=str(exc), returned=len(returned), retry_in_s=self.backoff)
         if first:
@@ -684,11 +682,11 @@ class Service:
         else:
             self.log.debug(msg, **fields)
 
-    def _retry_pending(self, now: float) -> None:
+    def _retry_owed(self, now: float) -> None:
         if self.orphans_left:
             self._recover(self.work)
         still: list[Path] = []
-        for path in self.pending:
+        for path in self.owed:
             if path.parent != self.work.dir:
                 # A batch of a work folder that vanished and was replaced while the batch was in
                 # flight: recovery takes its journal if (when) that filesystem comes back.
@@ -699,14 +697,13 @@ class Service:
                     still.append(path)  # the inbox (with our work folder) is away; it may come back
                 continue
             try:
-                res = settle(path, self.work.dir, inbox=self.s.inbox, output=self.s.output, ledger=self.ledger,
-                             digest=digest_file)
+                res = finish_batch(path, self.work.dir, inbox=self.s.inbox, output=self.s.output, ledger=self.ledger)
                 self._log_damage(res)
                 self.accounting.delivered(res.delivered, "retry")
             except OSError as exc:
                 still.append(path)
                 self.log.debug("retry failed", error=str(exc))
-        self.pending = still
+        self.owed = still
         if still:
             self._block(now)
 
@@ -724,8 +721,8 @@ class Service:
         self._status_owed = False
         by = self.counts.by_label
         counts: dict[str, Any] = {
-            "sorted": {k: by[k] for k in (*CLASSES, LABEL_UNSURE) if by[k]},
-            "rejected": by[LABEL_REJECTED],
+            "sorted": {k: by[k] for k in SORTED if by[k]},
+            Label.REJECTED.value: by[Label.REJECTED],
             "waiting": len(self.readiness),
         }
         self.notifier.status(format_status(counts))
@@ -761,9 +758,7 @@ class Service:
         try:
             # Not parents=True: while the inbox is away that would create an empty one in its place.
             folder.mkdir(exist_ok=True)
-            tmp = folder / f".{self.work.name}.json.tmp"
-            tmp.write_text(json.dumps(data, indent=2))
-            os.replace(tmp, folder / f"{self.work.name}.json")
+            write_atomic(folder / f"{self.work.name}.json", json.dumps(data, indent=2))
         except OSError as exc:
             self.log.debug("cannot write status file", error=str(exc))
 
@@ -780,11 +775,11 @@ def run_service(args: argparse.Namespace) -> int:
         settings = validate(load_settings(args.config, overrides=overrides))
     except ConfigError as exc:
         print(f"bikewatch: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return Exit.USAGE
     configure(settings.log_format, settings.log_level)  # W^X and TensorFlow: runtime.require_tensorflow
     notifier = Notifier.from_environ()
     try:
         return Service(settings, notifier).run()
     except ConfigError as exc:
         get_logger().error("configuration error", error=str(exc))
-        return EXIT_CONFIG
+        return Exit.USAGE
