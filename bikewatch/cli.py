@@ -154,7 +154,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bikewatch.service.loop import run_service
+    from bikewatch.service.run import run_service
 
     return run_service(args)
 

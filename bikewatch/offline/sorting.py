@@ -1,6 +1,6 @@
 """``bikewatch sort DIR --output OUT``: one dump, sorted exactly as the daemon would.
 
-The same :class:`~bikewatch.service.loop.Service` runs in one-shot mode (same
+The same :class:`~bikewatch.service.loop.Service` runs in drain mode (same
 batching, claims, delivery, CSV and guarantees), without watching, and
 returns when DIR is drained. ``--dry-run`` decodes, classifies and decides the same way
 (:func:`plan`) and prints the plan, moving nothing.
@@ -67,6 +67,7 @@ def run_sort(settings: Settings, *, dry_run: bool, progress: bool) -> int:
         return 0
 
     from bikewatch.service.loop import Service
+    from bikewatch.service.mode import Mode
     from bikewatch.service.systemd import Notifier
 
     total = sum(1 for _ in scan(settings.inbox, settings.ignore, skip=[settings.state_dir]))
@@ -82,7 +83,7 @@ def run_sort(settings: Settings, *, dry_run: bool, progress: bool) -> int:
         if bar is not None:
             bar.update(len(items))
 
-    service = Service(settings, Notifier(None), oneshot=True, on_batch=on_batch)
+    service = Service(settings, Notifier(None), mode=Mode.drain(settings.settle_seconds), on_batch=on_batch)
     code = service.run()
     for leftover in (settings.state_dir / "work", settings.state_dir / "status", settings.state_dir):
         try:

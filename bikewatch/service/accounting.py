@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal
 
 from bikewatch.service.metrics import Metrics
+from bikewatch.store.deliver import BatchOutcome
 from bikewatch.store.journal import Item
 
 How = Literal["batch", "retry", "recovery"]
@@ -39,9 +40,11 @@ class Accounting:
     nothing here needs a lock.
     """
 
-    def __init__(self, metrics: Metrics, log: Any, on_batch: Callable[[list[Item]], None] | None = None) -> None:
+    def __init__(self, metrics: Metrics, log: Any, on_batch: Callable[[list[Item]], None] | None = None,
+                 *, log_path: str = "") -> None:
         self.metrics = metrics
         self.log = log
+        self.log_path = log_path  # our CSV, named in the warning about a dead worker's unreachable one
         self.on_batch = on_batch
         self.counts = Counts()
 
@@ -70,3 +73,13 @@ class Accounting:
                               confidence=round(item.confidence or 0.0, 4), **extra)
         if self.on_batch:
             self.on_batch(items)
+
+    def damage(self, res: BatchOutcome) -> None:
+        """One error per damaged journal; one warning per batch whose worker's CSV cannot be reached."""
+        for journal, moved, why in res.quarantined:
+            self.log.error("damaged batch journal moved to quarantine; its photos are kept",
+                           journal=journal, quarantined=moved, problem=why)
+        for batch, why in res.fallback:
+            self.log.warning("the dead worker's CSV cannot be reached; its batch is recorded in ours",
+                             batch=batch, reason=why, log=self.log_path,
+                             note="rows that worker wrote there before it died cannot be checked and may appear twice")
