@@ -156,7 +156,7 @@ def test_journal_json_round_trip_with_awkward_names() -> None:
 # --------------------------------------------------------------------------- finish_batch, the normal path
 
 
-def test_settle_places_files_and_writes_one_row_each(env: Env, finish: Finish) -> None:
+def test_finish_places_files_and_writes_one_row_each(env: Env, finish: Finish) -> None:
     env.put("a.jpg", b"mountain bytes")
     env.put("DCIM/100CANON/b.jpg", b"road bytes")
     env.put("broken.jpg", b"<html>")
@@ -183,7 +183,7 @@ def test_settle_places_files_and_writes_one_row_each(env: Env, finish: Finish) -
     assert list(rows[0]) == list(COLUMNS)
 
 
-def test_settle_never_overwrites_a_name_taken_after_the_decision(env: Env, finish: Finish) -> None:
+def test_finish_never_overwrites_a_name_taken_after_the_decision(env: Env, finish: Finish) -> None:
     env.put("IMG_0001.jpg", b"new")
     env.put("IMG_0002.jpg", b"second")
     journal, path = claimed_journal(env, ["IMG_0001.jpg", "IMG_0002.jpg"])
@@ -248,7 +248,7 @@ def test_free_name_skips_names_on_disk_and_taken_in_the_batch(env: Env) -> None:
     assert free_name(env.output / "road", "dangling.jpg", set()) == "dangling (1).jpg"
 
 
-def test_settle_of_a_claimed_journal_returns_files_to_the_inbox(env: Env) -> None:
+def test_finish_of_a_claimed_journal_returns_files_to_the_inbox(env: Env) -> None:
     env.put("a.jpg", b"A")
     env.put("DCIM/100CANON/b.jpg", b"B")
     journal, path = claimed_journal(env, ["a.jpg", "DCIM/100CANON/b.jpg"])
@@ -265,7 +265,7 @@ def test_settle_of_a_claimed_journal_returns_files_to_the_inbox(env: Env) -> Non
     assert not path.exists() and env.rows() == []
 
 
-def test_settle_raises_delivery_error_when_a_label_folder_is_a_file(env: Env, finish: Finish) -> None:
+def test_finish_raises_delivery_error_when_a_label_folder_is_a_file(env: Env, finish: Finish) -> None:
     env.put("a.jpg", b"A")
     journal, path = claimed_journal(env, ["a.jpg"])
     decided = decide(env, journal, path, {"a.jpg": "road"})
@@ -302,7 +302,7 @@ def read_only_output(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_unusable_output_then_return_to_inbox_then_settle_later(env: Env, read_only_output: Path) -> None:
+def test_unusable_output_then_return_to_inbox_then_finish_later(env: Env, read_only_output: Path) -> None:
     env.put("a.jpg", b"A")
     env.put("b.jpg", b"B")
     env.put("c.jpg", b"C")
@@ -349,7 +349,7 @@ def test_crash_after_placing_before_the_row_writes_the_row_once(env: Env) -> Non
     assert sorted(os.listdir(env.output / "road")) == ["a.jpg"]
 
 
-def test_settle_twice_is_idempotent(env: Env) -> None:
+def test_finish_batch_twice_is_idempotent(env: Env) -> None:
     env.put("a.jpg", b"A")
     journal, path = claimed_journal(env, ["a.jpg"])
     decide(env, journal, path, {"a.jpg": "road"})

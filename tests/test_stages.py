@@ -231,7 +231,7 @@ def test_deliverer_owes_rows_the_csv_cannot_take_and_a_retry_counts_them(tmp_pat
     assert [it.source for it in delivered] == ["p0.png", "p1.png", "p2.png"]
     assert accounting.counts.by_label == {"mountain": 3}
     assert [e.get("delivered_by") for e in logs if e["event"] == "sorted"] == ["retry"] * 3
-    assert accounting.metrics.photos.labels(label="mountain")._value.get() == 3
+    assert accounting.metrics.registry.get_sample_value("bikewatch_photos_total", {"label": "mountain"}) == 3
 
 
 def test_recovered_files_take_the_same_accounting_path(tmp_path: Path, logs: list[dict[str, object]]) -> None:

@@ -1,6 +1,6 @@
 """Another host finishes a dead worker's batch: whose CSV, and what a damaged journal still says.
 
-Two questions recovery asks when the journal it settles was written elsewhere:
+Two questions recovery asks when the journal it finishes was written elsewhere:
 
 * **Which CSV?** Each journal names the CSV its writer appends to, as the writer saw it, and,
   when other hosts can reach that CSV through the shared inbox, the same path relative to the
