@@ -117,11 +117,11 @@ def measure_pool(photos: list[Path], workers: int, previews: bool, min_seconds: 
 
 
 def measure_hash(photos: list[Path], workers: int, min_seconds: float) -> dict[str, Any]:
-    from bikewatch.decode.prepare import digest_file
+    from bikewatch.files import sha256_file
 
     with ThreadPoolExecutor(workers) as pool:  # hashlib lets go of the GIL: threads hash in parallel
         def round_() -> int:
-            for _ in pool.map(digest_file, photos):
+            for _ in pool.map(sha256_file, photos):
                 pass
             return len(photos)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from bikewatch.decode.prepare import digest_file
+from bikewatch.files import sha256_file
 from bikewatch.store.journal import PHASE_DECIDED, Journal
 
 PROBS = {"mountain": (0.9, 0.1), "road": (0.2, 0.8)}
@@ -18,7 +18,7 @@ def decided_by_hand(journal: Journal, folder: Path, label: str) -> Journal:
 
     def decide(it):  # type: ignore[no-untyped-def]
         st = (folder / it.key).stat()
-        return replace(it, label=label, p_mountain=p_mountain, p_road=p_road, sha256=digest_file(folder / it.key),
+        return replace(it, label=label, p_mountain=p_mountain, p_road=p_road, sha256=sha256_file(folder / it.key),
                        size=st.st_size, mtime_ns=st.st_mtime_ns, timestamp="2026-01-01T00:00:00.000+00:00",
                        dest=f"{label}/{it.source}")
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from bikewatch.decode.prepare import digest_file
-from bikewatch.store.journal import (
-    LOCK_NAME, PHASE_CLAIMED, Item, Journal, JournalDamaged, WorkArea, claim, read_journal,
-    recover_dir, write_journal,
-)
+from bikewatch.files import sha256_file
+from bikewatch.store.claim import claim
+from bikewatch.store.journal import PHASE_CLAIMED, Item, Journal, JournalDamaged, read_journal, write_journal
+from bikewatch.store.recovery import recover_dir
+from bikewatch.store.workarea import LOCK_NAME, WorkArea
 from bikewatch.store.ledger import Ledger
 from harness import Daemon, read_csv, wait_until
 from journals import decided_by_hand
@@ -96,7 +96,7 @@ class Env:
         out = []
         for folder in self.work.orphaned_dirs():
             out.append(recover_dir(folder, inbox=self.inbox, output=self.output, ledger=self.ledger,
-                                   digest=digest_file))
+                                   digest=sha256_file))
         return out
 
 

@@ -16,9 +16,8 @@ from typing import Iterator
 
 import pytest
 
-from bikewatch.store.delivery import (
-    NAME_MAX, copy_durably, fit_name, numbered_name, place, place_numbered, rename_noreplace, safe_basename,
-)
+from bikewatch.store.deliver import free_name
+from bikewatch.store.delivery import NAME_MAX, copy_durably, fit_name, numbered_name, place, rename_noreplace
 
 OLD_NS = 1_500_000_000_123_456_789
 
@@ -122,12 +121,6 @@ def test_numbered_names_are_usable_on_disk(tmp_path: Path) -> None:
 
 def test_fit_name_never_trims_the_tail() -> None:
     assert fit_name("x" * 300, " (1).jpg") == "x" * 247 + " (1).jpg"
-
-
-@pytest.mark.parametrize(("raw", "safe"), [("a/b", "a_b"), ("", "unnamed"), (".", "unnamed"), ("..", "unnamed"),
-                                           ("x\0y", "x_y"), ("ok.jpg", "ok.jpg")])
-def test_safe_basename(raw: str, safe: str) -> None:
-    assert safe_basename(raw) == safe
 
 
 # --------------------------------------------------------------------------- no-clobber rename
@@ -267,37 +260,16 @@ def test_copy_durably_is_exclusive(tmp_path: Path) -> None:
     assert tmp.read_bytes() == b"existing"
 
 
-# --------------------------------------------------------------------------- place_numbered()
+# --------------------------------------------------------------------------- free_name() + place(): the service's naming
 
 
-def test_place_numbered_picks_the_first_free_number(tmp_path: Path) -> None:
+def test_free_name_picks_the_first_number_free_on_disk_and_in_the_batch(tmp_path: Path) -> None:
     out = tmp_path / "out"
     make(out / "IMG_0001.jpg", b"zero")
-    make(out / "IMG_0001 (1).jpg", b"one")
-    src = make(tmp_path / "in" / "IMG_0001.jpg", b"two")
-    got = place_numbered(src, out, "IMG_0001.jpg", tmp_name=".p")
-    assert got == out / "IMG_0001 (2).jpg" and got.read_bytes() == b"two"
-    src2 = make(tmp_path / "in" / "IMG_0001.jpg", b"three")
-    assert place_numbered(src2, out, "IMG_0001.jpg", tmp_name=".p") == out / "IMG_0001 (3).jpg"
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == {
-        "IMG_0001.jpg": b"zero", "IMG_0001 (1).jpg": b"one", "IMG_0001 (2).jpg": b"two", "IMG_0001 (3).jpg": b"three",
-    }
-
-
-def test_place_numbered_fills_a_gap_and_uses_the_plain_name_first(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    make(out / "IMG_0001 (1).jpg", b"one")
-    src = make(tmp_path / "a", b"plain")
-    assert place_numbered(src, out, "IMG_0001.jpg", tmp_name=".p") == out / "IMG_0001.jpg"
-
-
-def test_place_numbered_across_filesystems(tmp_path: Path, other_fs: Path) -> None:
-    make(other_fs / "x.jpg", b"old")
-    src = make(tmp_path / "x.jpg", b"new")
-    got = place_numbered(src, other_fs, "x.jpg", tmp_name=".p")
-    assert got == other_fs / "x (1).jpg" and got.read_bytes() == b"new"
-    assert os.stat(got).st_mtime_ns == OLD_NS
-    assert sorted(os.listdir(other_fs)) == ["x (1).jpg", "x.jpg"]
+    make(out / "IMG_0001 (2).jpg", b"two")
+    assert free_name(out, "IMG_0001.jpg", set()) == "IMG_0001 (1).jpg"  # fills a gap
+    assert free_name(out, "IMG_0001.jpg", {"IMG_0001 (1).jpg"}) == "IMG_0001 (3).jpg"  # chosen for another item
+    assert free_name(out, "new.jpg", set()) == "new.jpg"  # the plain name first
 
 
 def test_many_collisions_every_source_present_exactly_once(tmp_path: Path) -> None:
@@ -305,7 +277,7 @@ def test_many_collisions_every_source_present_exactly_once(tmp_path: Path) -> No
     out.mkdir()
     datas = [os.urandom(64) for _ in range(12)]
     for i, data in enumerate(datas):
-        place_numbered(make(tmp_path / "in" / f"{i}" / "IMG.jpg", data), out, "IMG.jpg", tmp_name=".p")
+        place(make(tmp_path / "in" / f"{i}" / "IMG.jpg", data), out / free_name(out, "IMG.jpg", set()), tmp_name=".p")
     names = sorted(os.listdir(out))
     assert names == sorted(["IMG.jpg"] + [f"IMG ({n}).jpg" for n in range(1, 12)])
     assert sorted(sha(out / n) for n in names) == sorted(hashlib.sha256(d).hexdigest() for d in datas)

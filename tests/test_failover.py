@@ -21,11 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from bikewatch.decode.prepare import digest_file
+from bikewatch.files import sha256_file
 from bikewatch.store.failover import locate_ledger, origin
-from bikewatch.store.journal import (
-    LOCK_NAME, PHASE_CLAIMED, Item, Journal, WorkArea, claim, recover_dir, row_for, write_journal,
-)
+from bikewatch.store.claim import claim
+from bikewatch.store.deliver import row_for
+from bikewatch.store.journal import PHASE_CLAIMED, Item, Journal, write_journal
+from bikewatch.store.recovery import recover_dir
+from bikewatch.store.workarea import LOCK_NAME, WorkArea
 from bikewatch.store.ledger import Ledger
 from harness import Daemon, read_csv, wait_until
 from journals import decided_by_hand
@@ -119,7 +121,7 @@ def recover_here(site: Site, ledger: Ledger):
     """What worker alpha's start-up does on this host: take over every dead folder, recover each."""
     work = WorkArea(site.inbox / ".bikewatch", "alpha")
     try:
-        return [recover_dir(folder, inbox=site.inbox, output=site.output, ledger=ledger, digest=digest_file)
+        return [recover_dir(folder, inbox=site.inbox, output=site.output, ledger=ledger, digest=sha256_file)
                 for folder in work.orphaned_dirs()]
     finally:
         work.close()

@@ -1,7 +1,7 @@
-"""Claim-then-deliver and crash recovery (bikewatch.store.journal) without the model.
+"""Claim-then-deliver and crash recovery (bikewatch.store: claim, deliver, recovery) without the model.
 
 Journals are fabricated by hand in the states a crash can leave them in, and
-:func:`settle` / :func:`recover_dir` must finish the batch: every file placed
+:func:`finish_batch` / :func:`recover_dir` must finish the batch: every file placed
 or back in the inbox, exactly one CSV row per placed file, nothing overwritten.
 """
 
@@ -21,11 +21,12 @@ from typing import Callable, Iterator
 
 import pytest
 
-from bikewatch.decode.prepare import digest_file
-from bikewatch.store.journal import (
-    LOCK_NAME, PHASE_CLAIMED, PHASE_DECIDED, DeliveryError, Item, Journal, SettleResult, WorkArea, claim,
-    deliver_decided, free_name, journals, read_journal, recover_dir, return_to_inbox, row_for, settle, write_journal,
-)
+from bikewatch.files import sha256_file
+from bikewatch.store.claim import claim, return_to_inbox
+from bikewatch.store.deliver import BatchOutcome, DeliveryError, deliver_decided, finish_batch, free_name, row_for
+from bikewatch.store.journal import PHASE_CLAIMED, PHASE_DECIDED, Item, Journal, journals, read_journal, write_journal
+from bikewatch.store.recovery import recover_dir
+from bikewatch.store.workarea import LOCK_NAME, WorkArea
 from bikewatch.store.ledger import COLUMNS, Ledger
 
 OLD_NS = 1_400_000_000_987_654_321
@@ -59,9 +60,9 @@ class Env:
         with open(self.ledger.path, newline="", encoding="utf-8") as fh:
             return list(csv.DictReader(fh))
 
-    def settle(self, path: Path, **kw: object):
-        return settle(path, self.work.dir, inbox=self.inbox, output=self.output, ledger=self.ledger,
-                      digest=digest_file, **kw)  # type: ignore[arg-type]
+    def finish(self, path: Path, **kw: object):
+        return finish_batch(path, self.work.dir, inbox=self.inbox, output=self.output, ledger=self.ledger,
+                            digest=sha256_file, **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -71,21 +72,21 @@ def env(tmp_path: Path) -> Iterator[Env]:
     e.work.close()
 
 
-Finish = Callable[[Env, Path, Journal], SettleResult]
+Finish = Callable[[Env, Path, Journal], BatchOutcome]
 
 
-def _by_settle(env: Env, path: Path, _decided: Journal) -> SettleResult:
-    return env.settle(path, fresh=True)
+def _by_finish_batch(env: Env, path: Path, _decided: Journal) -> BatchOutcome:
+    return env.finish(path, fresh=True)
 
 
-def _by_deliver_decided(env: Env, path: Path, decided: Journal) -> SettleResult:
+def _by_deliver_decided(env: Env, path: Path, decided: Journal) -> BatchOutcome:
     return deliver_decided(path, decided, env.work.dir, inbox=env.inbox, output=env.output, ledger=env.ledger,
-                           digest=digest_file)
+                           digest=sha256_file)
 
 
-@pytest.fixture(params=[_by_settle, _by_deliver_decided], ids=["settle", "deliver_decided"])
+@pytest.fixture(params=[_by_finish_batch, _by_deliver_decided], ids=["finish_batch", "deliver_decided"])
 def finish(request: pytest.FixtureRequest) -> Finish:
-    """The two ways a decided batch is finished: the service's fast path, and settle(), which it falls back to."""
+    """The two ways a decided batch is finished: the service's fast path, and finish_batch(), which it falls back to."""
     return request.param  # type: ignore[no-any-return]
 
 
@@ -110,7 +111,7 @@ def decide(env: Env, journal: Journal, path: Path, labels: dict[str, str]) -> Jo
         rejected = label == "rejected"
         items.append(replace(
             item, label=label, p_mountain=None if rejected else 0.8, p_road=None if rejected else 0.2,
-            sha256=digest_file(work) if not os.path.islink(work) else "", size=st.st_size, mtime_ns=st.st_mtime_ns,
+            sha256=sha256_file(work) if not os.path.islink(work) else "", size=st.st_size, mtime_ns=st.st_mtime_ns,
             error="not an image" if rejected else "", timestamp="2024-01-01T00:00:00.000+00:00",
             dest=f"{label}/{name}",
         ))
@@ -152,10 +153,10 @@ def test_journal_json_round_trip_with_awkward_names() -> None:
     assert item.confidence == 0.75 and Item(key="k", source="s").confidence is None
 
 
-# --------------------------------------------------------------------------- settle, the normal path
+# --------------------------------------------------------------------------- finish_batch, the normal path
 
 
-def test_settle_places_files_and_writes_one_row_each(env: Env, finish: Finish) -> None:
+def test_finish_places_files_and_writes_one_row_each(env: Env, finish: Finish) -> None:
     env.put("a.jpg", b"mountain bytes")
     env.put("DCIM/100CANON/b.jpg", b"road bytes")
     env.put("broken.jpg", b"<html>")
@@ -182,7 +183,7 @@ def test_settle_places_files_and_writes_one_row_each(env: Env, finish: Finish) -
     assert list(rows[0]) == list(COLUMNS)
 
 
-def test_settle_never_overwrites_a_name_taken_after_the_decision(env: Env, finish: Finish) -> None:
+def test_finish_never_overwrites_a_name_taken_after_the_decision(env: Env, finish: Finish) -> None:
     env.put("IMG_0001.jpg", b"new")
     env.put("IMG_0002.jpg", b"second")
     journal, path = claimed_journal(env, ["IMG_0001.jpg", "IMG_0002.jpg"])
@@ -247,14 +248,14 @@ def test_free_name_skips_names_on_disk_and_taken_in_the_batch(env: Env) -> None:
     assert free_name(env.output / "road", "dangling.jpg", set()) == "dangling (1).jpg"
 
 
-def test_settle_of_a_claimed_journal_returns_files_to_the_inbox(env: Env) -> None:
+def test_finish_of_a_claimed_journal_returns_files_to_the_inbox(env: Env) -> None:
     env.put("a.jpg", b"A")
     env.put("DCIM/100CANON/b.jpg", b"B")
     journal, path = claimed_journal(env, ["a.jpg", "DCIM/100CANON/b.jpg"])
     shutil.rmtree(env.inbox / "DCIM")  # the user tidied up meanwhile
     env.put("a.jpg", b"a new file with the same name")
     seen: list[tuple[str, str]] = []
-    res = env.settle(path, on_return=lambda item, why: seen.append((item.source, why)))
+    res = env.finish(path, on_return=lambda item, why: seen.append((item.source, why)))
     assert [i.source for i in res.returned] == ["a.jpg", "DCIM/100CANON/b.jpg"] and not res.delivered
     assert (env.inbox / "a.jpg").read_bytes() == b"a new file with the same name"
     assert (env.inbox / "a (1).jpg").read_bytes() == b"A"
@@ -264,7 +265,7 @@ def test_settle_of_a_claimed_journal_returns_files_to_the_inbox(env: Env) -> Non
     assert not path.exists() and env.rows() == []
 
 
-def test_settle_raises_delivery_error_when_a_label_folder_is_a_file(env: Env, finish: Finish) -> None:
+def test_finish_raises_delivery_error_when_a_label_folder_is_a_file(env: Env, finish: Finish) -> None:
     env.put("a.jpg", b"A")
     journal, path = claimed_journal(env, ["a.jpg"])
     decided = decide(env, journal, path, {"a.jpg": "road"})
@@ -274,7 +275,7 @@ def test_settle_raises_delivery_error_when_a_label_folder_is_a_file(env: Env, fi
     t = threading.Thread(target=lambda: result.append(_catch(lambda: finish(env, path, decided))), daemon=True)
     t.start()
     t.join(10)
-    assert not t.is_alive(), "settle() loops forever when OUTPUT/road is a file"
+    assert not t.is_alive(), "finish_batch() loops forever when OUTPUT/road is a file"
     assert isinstance(result[0], DeliveryError)
     assert path.exists()  # the journal stays for a retry
     assert (env.work.dir / journal.items[0].key).read_bytes() == b"A"
@@ -301,7 +302,7 @@ def read_only_output(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_unusable_output_then_return_to_inbox_then_settle_later(env: Env, read_only_output: Path) -> None:
+def test_unusable_output_then_return_to_inbox_then_finish_later(env: Env, read_only_output: Path) -> None:
     env.put("a.jpg", b"A")
     env.put("b.jpg", b"B")
     env.put("c.jpg", b"C")
@@ -310,15 +311,15 @@ def test_unusable_output_then_return_to_inbox_then_settle_later(env: Env, read_o
     # a.jpg was placed before the output went away (its row not yet written).
     os.rename(env.work.dir / decided.items[0].key, env.output / "road" / "a.jpg")
     with pytest.raises(DeliveryError):
-        settle(path, env.work.dir, inbox=env.inbox, output=read_only_output, ledger=env.ledger, fresh=True,
-               digest=digest_file)
+        finish_batch(path, env.work.dir, inbox=env.inbox, output=read_only_output, ledger=env.ledger, fresh=True,
+               digest=sha256_file)
     assert path.exists()
     returned = return_to_inbox(path, env.work.dir, inbox=env.inbox)
     assert sorted(i.source for i in returned) == ["b.jpg", "c.jpg"]
     assert (env.inbox / "b.jpg").read_bytes() == b"B" and (env.inbox / "c.jpg").read_bytes() == b"C"
     assert all(i.back for i in read_journal(path).items if i.source != "a.jpg")
     # Output back: the retry writes a.jpg's row only; b and c are the inbox's again.
-    res = env.settle(path)
+    res = env.finish(path)
     assert [i.source for i in res.delivered] == ["a.jpg"]
     assert sorted(i.source for i in res.returned) == ["b.jpg", "c.jpg"]
     assert [r["source"] for r in env.rows()] == [str(env.inbox / "a.jpg")]
@@ -336,27 +337,27 @@ def test_crash_after_placing_before_the_row_writes_the_row_once(env: Env) -> Non
     # Crash: a.jpg was already placed (its work file is gone), b.jpg not yet; no rows written.
     os.rename(env.work.dir / decided.items[0].key, env.output / decided.items[0].dest)
     saved = path.read_bytes()
-    res = env.settle(path)  # recovery (fresh=False)
+    res = env.finish(path)  # recovery (fresh=False)
     assert sorted(i.source for i in res.delivered) == ["a.jpg", "b.jpg"]
     assert sorted(r["id"] for r in env.rows()) == sorted(i.key for i in decided.items)
     # Crash again before the journal was removed: recovering once more adds nothing.
     path.write_bytes(saved)
-    env.settle(path)
+    env.finish(path)
     assert len(env.rows()) == 2
     assert (env.output / "road" / "a.jpg").read_bytes() == b"A"
     assert (env.output / "mountain" / "b.jpg").read_bytes() == b"B"
     assert sorted(os.listdir(env.output / "road")) == ["a.jpg"]
 
 
-def test_settle_twice_is_idempotent(env: Env) -> None:
+def test_finish_batch_twice_is_idempotent(env: Env) -> None:
     env.put("a.jpg", b"A")
     journal, path = claimed_journal(env, ["a.jpg"])
     decide(env, journal, path, {"a.jpg": "road"})
     saved = path.read_bytes()
-    env.settle(path, fresh=True)
+    env.finish(path, fresh=True)
     before = (env.ledger.path.read_bytes(), sorted(os.listdir(env.output / "road")))
     path.write_bytes(saved)  # as if the process died just before deleting the journal
-    res = env.settle(path)
+    res = env.finish(path)
     assert [i.source for i in res.delivered] == ["a.jpg"]
     assert (env.ledger.path.read_bytes(), sorted(os.listdir(env.output / "road"))) == before
     assert not path.exists()
@@ -367,7 +368,7 @@ def test_crash_after_link_before_unlink(env: Env) -> None:
     journal, path = claimed_journal(env, ["a.jpg"])
     decided = decide(env, journal, path, {"a.jpg": "road"})
     os.link(env.work.dir / decided.items[0].key, env.output / "road" / "a.jpg")  # the link() fallback, half done
-    env.settle(path)
+    env.finish(path)
     assert sorted(os.listdir(env.output / "road")) == ["a.jpg"]
     assert not (env.work.dir / decided.items[0].key).exists()
     assert len(env.rows()) == 1
@@ -378,7 +379,7 @@ def test_crash_after_cross_filesystem_copy_before_unlink(env: Env) -> None:
     journal, path = claimed_journal(env, ["a.jpg"])
     decided = decide(env, journal, path, {"a.jpg": "road"})
     shutil.copy2(env.work.dir / decided.items[0].key, env.output / "road" / "a.jpg")  # a finished copy
-    env.settle(path)
+    env.finish(path)
     assert sorted(os.listdir(env.output / "road")) == ["a.jpg"]  # no "a (1).jpg" duplicate
     assert not (env.work.dir / decided.items[0].key).exists()
     assert len(env.rows()) == 1
@@ -390,7 +391,7 @@ def test_crash_mid_copy_removes_the_partial_and_places_again(env: Env) -> None:
     decided = decide(env, journal, path, {"a.jpg": "road"})
     key = decided.items[0].key
     (env.output / "road" / f".bikewatch-{key}.partial").write_bytes(b"full")
-    env.settle(path)
+    env.finish(path)
     assert sorted(os.listdir(env.output / "road")) == ["a.jpg"]
     assert (env.output / "road" / "a.jpg").read_bytes() == b"full content"
     assert env.rows()[0]["sha256"] == sha(b"full content")
@@ -403,7 +404,7 @@ def test_a_different_file_at_the_destination_is_not_mistaken_for_our_copy(env: E
     other = env.output / "road" / "a.jpg"
     other.write_bytes(b"else")  # same size, but different bytes
     os.utime(other, ns=(OLD_NS, OLD_NS))
-    env.settle(path)
+    env.finish(path)
     assert other.read_bytes() == b"else"
     assert (env.output / "road" / "a (1).jpg").read_bytes() == b"ours"
 
@@ -457,7 +458,7 @@ def test_recover_dir_finishes_everything_a_dead_worker_left(env: Env) -> None:
     os.rename(env.inbox / "d.jpg", dead / "stray")
 
     returned: list[str] = []
-    res = recover_dir(dead, inbox=env.inbox, output=env.output, ledger=env.ledger, digest=digest_file,
+    res = recover_dir(dead, inbox=env.inbox, output=env.output, ledger=env.ledger, digest=sha256_file,
                       on_return=lambda item, why: returned.append(item.source))
     assert sorted(i.source for i in res.delivered) == ["a.jpg", "b.jpg"]
     assert sorted(i.source for i in res.returned) == ["DCIM/c.jpg", "recovered-stray"]
@@ -499,7 +500,7 @@ def test_row_for_uses_absolute_paths(env: Env) -> None:
 
 
 def test_lock_staleness_trusts_pids_here_and_heartbeats_elsewhere() -> None:
-    from bikewatch.store.journal import lock_is_stale
+    from bikewatch.store.workarea import lock_is_stale
 
     me = f"thishost {os.getpid()}"
     assert not lock_is_stale(me, 0.0, host="thishost", now=1e9, stale_after=120)  # alive, however old
@@ -511,7 +512,6 @@ def test_lock_staleness_trusts_pids_here_and_heartbeats_elsewhere() -> None:
 
 
 def test_a_new_work_area_is_never_visible_unlocked(tmp_path: Path) -> None:
-    from bikewatch.store.journal import WorkArea
 
     first = WorkArea(tmp_path, "w1")
     second = WorkArea(tmp_path, "w2")

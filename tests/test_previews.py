@@ -20,10 +20,13 @@ from PIL import ExifTags, Image, ImageOps
 
 from bikewatch.decode import previews
 from harness import wait_until
-from bikewatch.decode.prepare import DECODED_FULL, DECODED_PREVIEW, digest_file, prepare
+from bikewatch.decode.prepare import DECODED_FULL, DECODED_PREVIEW, prepare
+from bikewatch.files import sha256_file
 from bikewatch.testing.camera import as_stored, camera_jpeg, jpeg_bytes, preview_image
 from bikewatch.decode.pool import DecodePool
-from bikewatch.store.journal import PHASE_DECIDED, Item, Journal, WorkArea, settle, write_journal
+from bikewatch.store.deliver import finish_batch
+from bikewatch.store.journal import PHASE_DECIDED, Item, Journal, write_journal
+from bikewatch.store.workarea import WorkArea
 from bikewatch.store.ledger import COLUMNS, Ledger, Row, read_rows
 from bikewatch.decode.preprocess import preprocess_bytes
 
@@ -84,7 +87,7 @@ def test_a_trustworthy_preview_is_used_and_matches_the_full_image(tmp_path: Path
 def test_previews_off_decodes_and_hashes_the_whole_file(tmp_path: Path) -> None:
     p = write(tmp_path / "a.jpg", camera_jpeg(scene()))
     got = prepare(p, "k", max_pixels=MAX, previews=False)
-    assert got.decoded_from == DECODED_FULL and got.sha256 == digest_file(p)
+    assert got.decoded_from == DECODED_FULL and got.sha256 == sha256_file(p)
 
 
 def _stale(tmp_path: Path, main: Image.Image, preview_of: Image.Image, orientation: int = 1) -> Path:
@@ -105,7 +108,7 @@ def test_a_stale_preview_is_refused(tmp_path: Path, edit: str) -> None:
         p = _stale(tmp_path, original.crop((0, 150, 1600, 1050)), original)
     assert isinstance(previews.preview_of(p.read_bytes()[:previews.HEAD_BYTES], max_pixels=MAX), str)
     got = prepare(p, "k", max_pixels=MAX, previews=True)
-    assert got.decoded_from == DECODED_FULL and got.sha256 == digest_file(p)
+    assert got.decoded_from == DECODED_FULL and got.sha256 == sha256_file(p)
     assert got.array is not None and np.array_equal(got.array, full_array(p))
 
 
@@ -147,7 +150,7 @@ def test_a_camera_photo_cut_short_is_rejected_as_before_not_sorted_by_its_previe
     data = camera_jpeg(scene())
     p = write(tmp_path / "cut.jpg", data[: len(data) * 2 // 3])
     got = prepare(p, "k", max_pixels=MAX, previews=True)
-    assert got.array is None and "truncated" in got.error and got.sha256 == digest_file(p)
+    assert got.array is None and "truncated" in got.error and got.sha256 == sha256_file(p)
 
 
 def test_an_oversized_frame_is_rejected_whatever_its_preview(tmp_path: Path) -> None:
@@ -204,7 +207,7 @@ def test_small_files_and_other_formats_are_decoded_as_before(tmp_path: Path) -> 
     scene().save(png)
     for p in (small, png):
         got = prepare(p, "k", max_pixels=MAX, previews=True)
-        assert got.decoded_from == DECODED_FULL and got.sha256 == digest_file(p)
+        assert got.decoded_from == DECODED_FULL and got.sha256 == sha256_file(p)
 
 
 def test_the_decode_workers_report_the_source_and_survive_hostile_headers(tmp_path: Path) -> None:
@@ -307,7 +310,7 @@ def test_recovery_knows_a_finished_copy_of_a_photo_that_has_no_sha256(tmp_path: 
                 os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns))
             path = work.journal_path(f"b-{name}")
             write_journal(path, Journal(batch=f"b-{name}", phase=PHASE_DECIDED, worker="t", model="m", items=(item,)))
-            settle(path, work.dir, inbox=inbox, output=output, ledger=ledger, digest=digest_file)
+            finish_batch(path, work.dir, inbox=inbox, output=output, ledger=ledger, digest=sha256_file)
             assert not f.exists()
         assert sorted(os.listdir(output / "road")) == ["a.jpg", "b (1).jpg", "b.jpg"]
         rows = list(read_rows(ledger.path))
@@ -330,7 +333,7 @@ def test_heic_photos_are_read(tmp_path: Path, thumbnails: list[int]) -> None:
     img = scene((640, 480))
     p = heic(tmp_path / "IMG_0001.HEIC", img, thumbnails)
     got = prepare(p, "k", max_pixels=MAX, previews=True)
-    assert got.error == "" and got.array is not None and got.sha256 == digest_file(p)
+    assert got.error == "" and got.array is not None and got.sha256 == sha256_file(p)
     want = np.asarray(img.resize((64, 64), Image.Resampling.BILINEAR), dtype=np.float32)
     assert np.abs(got.array - want).mean() < 16  # the same picture (HEVC at quality 80, or its thumbnail)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bikewatch.decode import previews as _previews
+from bikewatch.files import sha256_file
 from bikewatch.decode.preprocess import PreprocessError, preprocess_bytes, preprocess_preview
 from bikewatch.intake.watching import Signature, stat_signature
 
@@ -42,14 +43,6 @@ class Prepared:
 
 DECODED_PREVIEW = "preview"
 DECODED_FULL = "full"
-
-
-def digest_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 VOUCH_AGE_NS = 50_000_000
@@ -136,7 +129,7 @@ def prepare(path: str | Path, key: str, *, max_pixels: int, vouch: bool = False,
         if not stat.S_ISREG(st.st_mode):
             return Prepared(key, None, "", 0, st.st_mtime_ns, "not a regular file")
         if st.st_size > MAX_FILE_BYTES:
-            return Prepared(key, None, digest_file(path), st.st_size, st.st_mtime_ns,
+            return Prepared(key, None, sha256_file(path), st.st_size, st.st_mtime_ns,
                             f"file too large ({st.st_size} bytes)")
         if previews and st.st_size > _previews.HEAD_BYTES:
             try:

@@ -1,8 +1,9 @@
 """``bikewatch sort DIR --output OUT``: one dump, sorted exactly as the daemon would.
 
-The same :class:`~bikewatch.service.loop.Service` runs in one-shot mode (same
+The same :class:`~bikewatch.service.loop.Service` runs in drain mode (same
 batching, claims, delivery, CSV and guarantees), without watching, and
-returns when DIR is drained. ``--dry-run`` only classifies and prints the plan.
+returns when DIR is drained. ``--dry-run`` decodes, classifies and decides the same way
+(:func:`plan`) and prints the plan, moving nothing.
 """
 
 from __future__ import annotations
@@ -12,47 +13,61 @@ import os
 import sys
 from typing import Any
 
-from bikewatch.decision import LABEL_REJECTED, decide
+from bikewatch.clock import utc_now
 from bikewatch.config import Settings
-from bikewatch.store.journal import Item, free_name
+from bikewatch.decision import decide_batch
+from bikewatch.decode.pool import DecodePool
+from bikewatch.store.journal import Item
 from bikewatch.intake.watching import scan
 
 
-def plan(settings: Settings) -> list[tuple[str, str, str, float | None]]:
-    """(source, destination, label, confidence) for every file, changing nothing."""
-    from bikewatch.offline.classify import classify_paths
+def plan(settings: Settings) -> list[Item]:
+    """Every file as the daemon would decide it (label, name, reason), changing nothing.
+
+    The daemon's decode path and limits (:class:`~bikewatch.decode.pool.DecodePool`, ``max_pixels``,
+    :data:`~bikewatch.decode.prepare.MAX_FILE_BYTES`, ``previews``), its device and model loading,
+    and its decision (:func:`~bikewatch.decision.decide_batch`), batch by batch; only the claim
+    and the delivery are left out.
+    """
+    from bikewatch.inference.batch import BatchBuffer
+    from bikewatch.inference.device import configure_device
     from bikewatch.inference.model import load_classifier
 
-    found = [s for s in scan(settings.inbox, settings.ignore, skip=[settings.state_dir])]
-    classifier = load_classifier(settings.model)
-    regular = [settings.inbox / s.rel for s in found if s.regular]
-    results = {r.path: r for r in classify_paths(classifier, regular, batch_size=settings.max_batch)}
-    taken: dict[str, set[str]] = collections.defaultdict(set)
-    out = []
-    for s in found:
-        r = results.get(str(settings.inbox / s.rel))
-        if r is None or r.error:
-            label, conf = LABEL_REJECTED, None
-        else:
-            label = decide(r.p_mountain or 0.0, r.p_road or 0.0, settings.unsure_below)
-            conf = r.confidence
-        name = free_name(settings.output / label, os.path.basename(s.rel), taken[label])
-        taken[label].add(name)
-        out.append((s.rel, f"{label}/{name}", label, conf))
+    found = [s.rel for s in scan(settings.inbox, settings.ignore, skip=[settings.state_dir])]
+    device = configure_device(settings.device)
+    classifier = load_classifier(settings.model, backend="auto" if device.startswith("cpu") else "keras")
+    buffer = BatchBuffer(settings.max_batch)
+    chosen: dict[str, set[str]] = {}
+    out: list[Item] = []
+    workers = settings.decode_workers or max(1, os.cpu_count() or 1)
+    with DecodePool(workers, previews=settings.previews) as pool:
+        for start in range(0, len(found), settings.max_batch):
+            rels = found[start:start + settings.max_batch]
+            futures = [pool.submit(settings.inbox / rel, rel, max_pixels=settings.max_pixels) for rel in rels]
+            prepared = [f.result() for f in futures]
+            good = [i for i, p in enumerate(prepared) if p.array is not None]
+            probs = {}
+            if good:
+                got = classifier.predict(buffer.stack([prepared[i].array for i in good]))  # type: ignore[misc]
+                probs = {i: got[j] for j, i in enumerate(good)}
+            items = [Item(key=rel, source=rel) for rel in rels]
+            out += decide_batch(items, prepared, probs, unsure_below=settings.unsure_below, output=settings.output,
+                                decided_at=utc_now(), chosen=chosen)
     return out
 
 
 def run_sort(settings: Settings, *, dry_run: bool, progress: bool) -> int:
     if dry_run:
         rows = plan(settings)
-        for source, dest, _label, conf in rows:
-            tail = f"({conf:.3f})" if conf is not None else "(rejected: cannot be classified)"
-            print(f"{settings.inbox / source} -> {settings.output / dest} {tail}")
-        counts = collections.Counter(label for _, _, label, _ in rows)
+        for item in rows:
+            tail = f"({item.confidence:.3f})" if item.confidence is not None else f"(rejected: {item.error})"
+            print(f"{settings.inbox / item.source} -> {settings.output / item.dest} {tail}")
+        counts = collections.Counter(item.label for item in rows)
         print(f"dry run: {len(rows)} files would be moved: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         return 0
 
     from bikewatch.service.loop import Service
+    from bikewatch.service.mode import Mode
     from bikewatch.service.systemd import Notifier
 
     total = sum(1 for _ in scan(settings.inbox, settings.ignore, skip=[settings.state_dir]))
@@ -68,7 +83,7 @@ def run_sort(settings: Settings, *, dry_run: bool, progress: bool) -> int:
         if bar is not None:
             bar.update(len(items))
 
-    service = Service(settings, Notifier(None), oneshot=True, on_batch=on_batch)
+    service = Service(settings, Notifier(None), mode=Mode.drain(settings.settle_seconds), on_batch=on_batch)
     code = service.run()
     for leftover in (settings.state_dir / "work", settings.state_dir / "status", settings.state_dir):
         try:

@@ -17,6 +17,8 @@ import shutil
 import stat
 from pathlib import Path
 
+from bikewatch.files import fsync_dir
+
 NAME_MAX = 255
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
@@ -49,14 +51,6 @@ def fit_name(stem: str, tail: str) -> str:
     return stem + tail
 
 
-def safe_basename(name: str) -> str:
-    """A directory entry name we can reuse: no separators, no '.'/'..', not empty."""
-    base = name.replace("/", "_").replace("\0", "_")
-    if base in ("", ".", ".."):
-        base = "unnamed"
-    return base
-
-
 def rename_noreplace(src: str | Path, dst: str | Path) -> None:
     """Atomic rename that fails with FileExistsError instead of replacing ``dst``."""
     if _renameat2 is not None:
@@ -82,15 +76,6 @@ def _rename_if_absent(src: str | Path, dst: str | Path) -> None:
     if os.path.lexists(dst):
         raise FileExistsError(errno.EEXIST, "destination exists", str(dst))
     os.rename(src, dst)
-
-
-def fsync_dir(path: str | Path) -> None:
-    """Make renames and new names in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def copy_durably(src: Path, tmp: Path) -> None:
@@ -142,19 +127,3 @@ def place(src: Path, dst: Path, *, tmp_name: str) -> None:
         raise
     fsync_dir(dst.parent)
     os.unlink(src)
-
-
-def place_numbered(src: Path, folder: Path, name: str, *, tmp_name: str, start: int = 0) -> Path:
-    """Place ``src`` into ``folder`` as ``name``, or ``name (1)``, ``name (2)``... whichever is free."""
-    n = start
-    while True:
-        dst = folder / numbered_name(name, n)
-        try:
-            place(src, dst, tmp_name=tmp_name)
-            return dst
-        except FileExistsError:
-            n += 1
-        except OSError as exc:
-            if exc.errno != errno.EEXIST:
-                raise
-            n += 1

@@ -1,6 +1,6 @@
 """Another host finishes a dead worker's batch: whose CSV, and what a damaged journal still says.
 
-Two questions recovery asks when the journal it settles was written elsewhere:
+Two questions recovery asks when the journal it finishes was written elsewhere:
 
 * **Which CSV?** Each journal names the CSV its writer appends to, as the writer saw it, and,
   when other hosts can reach that CSV through the shared inbox, the same path relative to the
@@ -20,6 +20,7 @@ recovered, :func:`sweep_status_files` for any left without a folder.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -120,11 +121,16 @@ def salvage(text: str) -> tuple[dict[str, str], list[dict[str, Any]]]:
 def remove_status_of(state_dir: Path, name: str) -> None:
     """A dead worker's status file (named like its work folder, see ``Service._write_status_file``) goes with it."""
     folder = state_dir / "status"
-    for path in (folder / f"{name}.json", folder / f".{name}.json.tmp"):
+    for path in (folder / f"{name}.json", *folder.glob(f".{glob.escape(name)}.json.tmp*")):
         try:
             os.unlink(path)
         except OSError:
             pass
+
+
+def _worker_of(status_name: str) -> str:
+    """The work folder a status file (or its temporary, ``.NAME.json.tmp-PID``) belongs to; pure."""
+    return re.sub(r"\.json(\.tmp(-\d+)?)?$", "", status_name.removeprefix("."))
 
 
 def sweep_status_files(state_dir: Path, stale_after: float) -> None:
@@ -140,7 +146,7 @@ def sweep_status_files(state_dir: Path, stale_after: float) -> None:
         return
     now = time.time()
     for name in names:
-        if name.removeprefix(".").removesuffix(".tmp").removesuffix(".json") in live:
+        if _worker_of(name) in live:
             continue
         path = folder / name
         try:
