@@ -15,7 +15,7 @@ from typing import Any
 from bikewatch.decision import LABEL_REJECTED, decide
 from bikewatch.config import Settings
 from bikewatch.store.journal import Item, free_name
-from bikewatch.intake.watching import scan
+from bikewatch.intake.scan import scan
 
 
 def plan(settings: Settings) -> list[tuple[str, str, str, float | None]]:

@@ -49,9 +49,10 @@ from bikewatch.service.readahead import QUIET_SECONDS, ReadAhead, Usable
 from bikewatch.service.signals import SignalRelay
 from bikewatch.offline.status import identity
 from bikewatch.service.systemd import Notifier, format_status
-from bikewatch.intake.watching import (
-    Hints, InboxWatcher, Readiness, Seen, is_ignored, mount_fstype, needs_polling, observe, scan,
-)
+from bikewatch.intake.hints import Hints
+from bikewatch.intake.readiness import Readiness
+from bikewatch.intake.scan import Seen, is_ignored, mount_fstype, needs_polling, observe, scan
+from bikewatch.intake.watcher import InboxWatcher
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 
@@ -472,8 +473,6 @@ class Service:
                 self.watcher.start()
         if not self.work.dir.is_dir():
             self._renew_work_area()
-        if self.watcher is not None:
-            self.watcher.unwatch_state_dir()  # watchdog rebuilds every watch after a queue overflow
         present = set()
         for seen in found:
             if seen.rel in self.taken:

@@ -1,0 +1,37 @@
+"""Where to look next: the hand-over from the watcher's thread to the processing loop."""
+
+from __future__ import annotations
+
+import threading
+
+
+class Hints:
+    """Thread-safe inbox of event hints for the processing loop; wakes it up."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._paths: set[str] = set()
+        self._closed: set[str] = set()
+        self._rescan = False
+        self.wake = threading.Event()
+
+    def add(self, rel: str, *, closed: bool = False, rescan: bool = False) -> None:
+        """Note a path to look at; ``closed`` when the event says its writer is done."""
+        with self._lock:
+            if rescan:
+                self._rescan = True
+            else:
+                self._paths.add(rel)
+                if closed:
+                    self._closed.add(rel)
+        self.wake.set()
+
+    def request_rescan(self) -> None:
+        self.add("", rescan=True)
+
+    def take(self) -> tuple[set[str], set[str], bool]:
+        with self._lock:
+            paths, closed, rescan = self._paths, self._closed, self._rescan
+            self._paths, self._closed, self._rescan = set(), set(), False
+            self.wake.clear()
+        return paths, closed, rescan
