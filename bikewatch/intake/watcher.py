@@ -115,7 +115,7 @@ class InboxWatcher:
         rel = f"{folder}/{name}" if folder else name
         mask = event.mask
         if mask & K.IN_ISDIR:
-            if mask & (K.IN_CREATE | K.IN_MOVED_TO):
+            if mask & (K.IN_CREATE | K.IN_MOVED_TO) and not self._is_skipped(os.path.join(self.inbox, rel)):
                 self._watch_tree(rel)
                 self.hints.request_rescan()  # a folder moved in brings no per-file events
             elif mask & K.IN_MOVED_FROM:
