@@ -129,7 +129,7 @@ def test_starting_on_a_missing_inbox_raises_and_leaves_no_thread(tmp_path: Path)
 class _Failing(Hints):
     """A consumer that breaks on its first hint: the reader thread dies of it."""
 
-    def add(self, rel: str, *, closed: bool = False, rescan: bool = False) -> None:
+    def add_all(self, paths: set[str], closed: set[str]) -> None:
         raise RuntimeError("consumer broke")
 
 
@@ -154,10 +154,10 @@ class _Gated(Hints):
         self.gate = threading.Event()
         self.held = threading.Event()
 
-    def add(self, rel: str, *, closed: bool = False, rescan: bool = False) -> None:
+    def add_all(self, paths: set[str], closed: set[str]) -> None:
         self.held.set()
         self.gate.wait(30)
-        super().add(rel, closed=closed, rescan=rescan)
+        super().add_all(paths, closed)
 
 
 def _max_queued_events() -> int:

@@ -26,6 +26,17 @@ class Hints:
                     self._closed.add(rel)
         self.wake.set()
 
+    def add_all(self, paths: set[str], closed: set[str]) -> None:
+        """Note many paths at once (``closed``: those whose writer is done), with one wake-up.
+
+        The watcher hands over each kernel read's hints this way: woken once per event, the
+        loop ran a whole iteration for every file of a burst (400-1600 wake-ups for 2000
+        renames, against about 100 for one per read)."""
+        with self._lock:
+            self._paths |= paths
+            self._closed |= closed
+        self.wake.set()
+
     def request_rescan(self) -> None:
         self.add("", rescan=True)
 

@@ -23,6 +23,7 @@ import errno
 import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 from watchdog.observers.inotify_c import (
     CallbackId,
@@ -52,6 +53,23 @@ CHANGED = K.IN_CREATE | K.IN_MODIFY | K.IN_ATTRIB
 _ID = CallbackId(0)  # one callback (this watcher) on each of our own instance's watches
 
 
+class _Reader(InotifyFD):
+    """watchdog's inotify instance and reader thread, with a call after each read's events.
+
+    The same loop as ``InotifyFD.run`` (its public ``read_events`` and ``handle_event``), plus
+    ``after_read``: the watcher hands that read's hints to the loop at once, with one wake-up."""
+
+    def __init__(self, after_read: Callable[[], None]) -> None:
+        super().__init__()
+        self._after_read = after_read
+
+    def run(self) -> None:
+        while self.should_keep_running():
+            for event in self.read_events():
+                self.handle_event(event)
+            self._after_read()
+
+
 class InboxWatcher:
     """Watches every folder of ``inbox`` except ``skip`` (the state folder) and drops hints.
 
@@ -70,6 +88,8 @@ class InboxWatcher:
         self._wd_of: dict[str, WatchDescriptor] = {}  # and back: a folder already watched is not added again
         self._inode: dict[WatchDescriptor, int] = {}  # unless a new folder took the name (rename over an empty one)
         self._fd: InotifyFD | None = None
+        self._found: set[str] = set()  # this read's hints, handed over after it (reader thread only)
+        self._done: set[str] = set()
         self._warned_limit = False
         self.log = get_logger(component="watcher")
 
@@ -77,7 +97,7 @@ class InboxWatcher:
 
     def start(self) -> None:
         """Watch the inbox's folders and start reading events; raises OSError when the inbox cannot be watched."""
-        fd = InotifyFD()  # our own instance, not watchdog's shared one: no other observer's watches mix in
+        fd = _Reader(self._hand_over)  # our own instance, not watchdog's shared one: no other watches mix in
         fd.start()  # reading first: each watch is recorded under the lock that on_event waits for
         self._fd = fd
         try:
@@ -121,9 +141,17 @@ class InboxWatcher:
             elif mask & K.IN_MOVED_FROM:
                 self._unwatch_tree(rel)  # moved out, or renamed here: its IN_MOVED_TO watches it again
         elif mask & DONE:
-            self.hints.add(rel, closed=True)
+            self._found.add(rel)
+            self._done.add(rel)
         elif mask & CHANGED:
-            self.hints.add(rel)
+            self._found.add(rel)
+
+    def _hand_over(self) -> None:
+        """After each read: its hints to the loop, in one go."""
+        if self._found:
+            found, done = self._found, self._done
+            self._found, self._done = set(), set()
+            self.hints.add_all(found, done)
 
     def on_watch_deleted(self, wd: WatchDescriptor) -> None:
         """The kernel dropped a watch (its folder was deleted, or the instance closed)."""
