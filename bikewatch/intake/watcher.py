@@ -2,8 +2,9 @@
 
 The service needs hints ("look at this path", "this writer is done", "rescan"), not
 watchdog's paired move events, so this uses watchdog's low-level inotify module
-(:class:`watchdog.observers.inotify_c.InotifyFD`, public since watchdog 7.1) through its
-public API only: one inotify instance of our own, one reader thread (watchdog's), and a
+(:class:`watchdog.observers.inotify_c.InotifyFD`; watchdog >= 7.1, the first with
+independent instances and ``on_queue_overflow``) through its public API only: one inotify
+instance of our own, one reader thread (watchdog's loop, see :class:`_Reader`), and a
 non-recursive watch on each folder of the inbox that the watcher adds and removes itself.
 
 That gives, by construction, what the old observer needed patches for:
