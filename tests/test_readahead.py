@@ -22,7 +22,7 @@ from PIL import Image
 from bikewatch.decode.prepare import COARSE_VOUCH_AGE_NS, VOUCH_AGE_NS, prepare, signature_of
 from bikewatch.decode.preprocess import preprocess_bytes
 from bikewatch.service.readahead import QUIET_SECONDS, ReadAhead
-from bikewatch.intake.watching import observe
+from bikewatch.intake.scan import observe
 from harness import Daemon, wait_until
 
 MAX_PIXELS = 100_000_000

@@ -1,4 +1,4 @@
-"""Finding files and deciding when they are complete (bikewatch.intake.watching).
+"""Finding files and deciding when they are complete (bikewatch.intake: scan, readiness, hints, watcher).
 
 Readiness is pure and gets explicit clock values; scan and the watchdog
 observer run on real tmp folders, waited for with deadlines, never sleeps.
@@ -9,16 +9,15 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 
-from bikewatch.intake import watching
 from bikewatch.config import DEFAULT_IGNORE
-from bikewatch.intake.watching import (
-    Hints, InboxWatcher, Readiness, Seen, is_ignored, mount_fstype, needs_polling, observe, scan,
-)
-from harness import wait_until
+from bikewatch.intake.hints import Hints
+from bikewatch.intake.readiness import Readiness
+from bikewatch.intake.scan import Seen, is_ignored, mount_fstype, needs_polling, observe, scan
+from bikewatch.intake.watcher import InboxWatcher
 
 
 def seen(rel: str = "a.jpg", size: int = 10, mtime: int = 1, ino: int = 7, regular: bool = True) -> Seen:
@@ -97,7 +96,7 @@ def test_ready_is_oldest_first_and_forget_retain_next_due() -> None:
     assert r.next_due(50.0) == 0.0
     r.forget("b")
     r.retain({"a", "zzz"})
-    assert r.pending() == ["a"]
+    assert len(r) == 1 and [s.rel for s in r.ready(10.0)] == ["a"]
     assert r.next_due(2.25) == pytest.approx(0.75)
 
 
@@ -386,12 +385,12 @@ def test_watcher_does_not_watch_its_own_state_folder(tmp_path: Path) -> None:
     watcher.start()
     try:
         assert _inotify_watches() - before == 3  # inbox, DCIM, DCIM/100CANON: none below .bikewatch
-        assert watcher.unwatch_state_dir() == 0  # nothing left to remove
+        assert watcher.watched == {"", "DCIM", "DCIM/100CANON"}
         (inbox / "DCIM" / "101CANON").mkdir()  # a new folder elsewhere is still watched, with its files
+        collect(hints, lambda p, c, r: r)  # asked for once the new folder's watch is added
+        assert "DCIM/101CANON" in watcher.watched and _inotify_watches() - before == 4
         touch(inbox / "DCIM" / "101CANON" / "IMG_0001.jpg")
-        # "in p", not "in c": the file may be written before the new folder's watch is added
-        # (watchdog then reports what it finds there as created, with no close).
-        collect(hints, lambda p, c, r: "DCIM/101CANON/IMG_0001.jpg" in p)
+        collect(hints, lambda p, c, r: "DCIM/101CANON/IMG_0001.jpg" in c)
     finally:
         watcher.stop()
 
@@ -439,78 +438,3 @@ def test_close_write_and_new_files_make_the_next_due_time_earlier() -> None:
     r.forget("link")
     assert r.ready(0.9) == [] and r.next_due(0.9) == pytest.approx(0.1)
     assert [s.rel for s in r.ready(1.0)] == ["slow"]
-
-
-# ----- watchdog's move pairing, without its queue walks (_index_move_sources) ---------------------
-
-
-def _pathed(mask: int, cookie: int, name: bytes) -> Any:
-    from watchdog.observers.inotify_c import InotifyEvent
-    from watchdog.observers.inotify_move_event_grouper import PathedInotifyEvent
-
-    return PathedInotifyEvent(InotifyEvent(1, mask, cookie, name), b"/inbox/" + name)  # type: ignore[arg-type]
-
-
-def test_move_pairing_still_pairs_a_rename_inside_the_watched_tree() -> None:
-    from watchdog.observers.inotify_c import InotifyConstants as K
-    from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
-
-    watching._index_move_sources()
-    g = InotifyMoveEventGrouper()
-    source = _pathed(K.IN_MOVED_FROM, 5, b"a.jpg")
-    g.put_event(source)
-    assert g.get_queued_moved_from_event(5) == source
-    g.put_event(_pathed(K.IN_MOVED_TO, 5, b"b.jpg"))
-    paired = g.read_event()
-    assert isinstance(paired, tuple) and [e.path for e in paired] == [b"/inbox/a.jpg", b"/inbox/b.jpg"]
-    assert g.get_queued_moved_from_event(5) is None
-    assert not g.__dict__["_bikewatch_from_cookies"]  # nothing left counted
-
-
-def test_move_pairing_lets_unpaired_moves_through_and_forgets_them() -> None:
-    from watchdog.observers.inotify_c import InotifyConstants as K
-    from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
-
-    watching._index_move_sources()
-    g = InotifyMoveEventGrouper()
-    moved_in = [_pathed(K.IN_MOVED_TO, 100 + i, f"in{i}.jpg".encode()) for i in range(50)]
-    for e in moved_in:  # renamed in from outside: nothing to pair with
-        assert g.get_queued_moved_from_event(e.ev.cookie) is None
-        g.put_event(e)
-    moved_out = _pathed(K.IN_MOVED_FROM, 7, b"out.jpg")  # renamed out: its IN_MOVED_TO never comes
-    g.put_event(moved_out)
-    assert [g.read_event() for _ in moved_in] == moved_in
-    assert g.read_event() == moved_out  # after watchdog's pairing delay, alone
-    assert not g.__dict__["_bikewatch_from_cookies"]
-    g.put_event(_pathed(K.IN_MOVED_FROM, 8, b"x.jpg"))
-    g.discard_pending_events()  # watchdog's reaction to a queue overflow
-    assert not g.__dict__["_bikewatch_from_cookies"]
-
-
-def test_a_real_observer_still_reports_renames_inside_the_inbox_as_paired_moves(tmp_path: Path) -> None:
-    from watchdog.events import FileMovedEvent, FileSystemEventHandler
-    from watchdog.observers.inotify import InotifyObserver
-
-    watching._index_move_sources()
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    seen: list[tuple[str, str]] = []
-
-    class Moves(FileSystemEventHandler):
-        def on_moved(self, event: FileMovedEvent) -> None:  # type: ignore[override]
-            seen.append((os.fsdecode(event.src_path), os.fsdecode(event.dest_path)))
-
-    observer = InotifyObserver(generate_full_events=True)
-    observer.schedule(Moves(), str(inbox), recursive=True)
-    observer.start()
-    try:
-        touch(inbox / "a.jpg")
-        os.rename(inbox / "a.jpg", inbox / "b.jpg")
-        staged = touch(tmp_path / "staging" / "c.jpg")
-        os.rename(staged, inbox / "c.jpg")
-        wait_until(lambda: len(seen) >= 2, 10, what="two moves")
-    finally:
-        observer.stop()
-        observer.join()
-    assert seen[0] == (str(inbox / "a.jpg"), str(inbox / "b.jpg"))
-    assert seen[1][1] == str(inbox / "c.jpg") and not seen[1][0]  # from outside: no source

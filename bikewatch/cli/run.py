@@ -1,4 +1,4 @@
-"""``bikewatch run``: the service. The parsing lives here; the service itself is bikewatch.service.loop."""
+"""``bikewatch run``: the service. The parsing lives here; the service itself is bikewatch.service (run.py wires it)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from bikewatch.cli.common import SubParsers, add_command, add_model_arg
 
 
 def handle(args: argparse.Namespace) -> int:
-    from bikewatch.service.loop import run_service
+    from bikewatch.service.run import run_service
 
     return int(run_service(args))
 

@@ -19,7 +19,7 @@ import numpy as np
 from bikewatch.decode import previews as _previews
 from bikewatch.files import sha256_file
 from bikewatch.decode.preprocess import PreprocessError, preprocess_bytes, preprocess_preview
-from bikewatch.intake.watching import Signature, stat_signature
+from bikewatch.intake.scan import Signature, stat_signature
 
 MAX_FILE_BYTES = 512 * 1024 * 1024
 """Larger files are hashed in chunks and rejected, never read into memory whole."""

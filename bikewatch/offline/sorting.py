@@ -18,7 +18,7 @@ from bikewatch.config import Settings
 from bikewatch.decision import decide_batch
 from bikewatch.decode.pool import DecodePool
 from bikewatch.store.journal import Item
-from bikewatch.intake.watching import scan
+from bikewatch.intake.scan import scan
 
 
 def plan(settings: Settings) -> list[Item]:

@@ -222,7 +222,7 @@ def summarize(rows: Iterable[Mapping[str, str]], today: dt.date) -> LogSummary:
 
 def count_waiting(inbox: Path, ignore: tuple[str, ...], state_dir: Path) -> int | None:
     """Files in the inbox that bikewatch will take (not ignored); None when it cannot be listed."""
-    from bikewatch.intake.watching import scan
+    from bikewatch.intake.scan import scan
 
     try:
         return sum(1 for _ in scan(inbox, ignore, skip=[state_dir]))

@@ -1,6 +1,6 @@
 """The claimer: which ready files make the next batch, and their claim on the claim thread.
 
-Files are chosen on the main thread (from :class:`~bikewatch.intake.watching.Readiness`,
+Files are chosen on the main thread (from :class:`~bikewatch.intake.readiness.Readiness`,
 with :func:`~bikewatch.service.dispatch.should_dispatch` saying when a batch is worth
 sending); the claim itself (journal, renames, fsyncs) runs on a thread of its own, which
 then hands the claimed files to the decode stage, so the main loop goes on predicting
@@ -18,7 +18,8 @@ from typing import Iterable
 
 from bikewatch.decode.prepare import Prepared
 from bikewatch.decode.stage import DecodeStage
-from bikewatch.intake.watching import Readiness, Seen, observe
+from bikewatch.intake.readiness import Readiness
+from bikewatch.intake.scan import Seen, observe
 from bikewatch.service.dispatch import should_dispatch
 from bikewatch.service.readahead import ReadAhead, Usable
 from bikewatch.store.claim import claim

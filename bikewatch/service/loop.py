@@ -3,8 +3,8 @@
 A photo goes intake -> claim -> decode -> infer -> decide -> deliver -> ledger, each stage in
 a module named for it (README: Architecture):
 
-- intake (:mod:`bikewatch.intake.watching`): events and scans become hints, hints become
-  :class:`~bikewatch.intake.watching.Readiness` (settled files);
+- intake (:mod:`bikewatch.intake`): events and scans become hints, hints become
+  :class:`~bikewatch.intake.readiness.Readiness` (settled files);
 - claim (:mod:`bikewatch.service.claimer`, on the claim thread): the next batch's files, renamed
   into our work folder (:mod:`bikewatch.store.claim`);
 - decode (:mod:`bikewatch.decode.stage`, in decode worker processes): read, hash, preprocess;
@@ -39,9 +39,10 @@ from bikewatch.exits import Exit
 from bikewatch.inference.device import configure_device
 from bikewatch.inference.model import BackendChoice, ModelError
 from bikewatch.inference.stage import InferenceStage
-from bikewatch.intake.watching import (
-    Hints, InboxWatcher, Readiness, is_ignored, mount_fstype, needs_polling, observe, scan,
-)
+from bikewatch.intake.hints import Hints
+from bikewatch.intake.readiness import Readiness
+from bikewatch.intake.scan import is_ignored, mount_fstype, needs_polling, observe, scan
+from bikewatch.intake.watcher import InboxWatcher
 from bikewatch.labels import FOLDERS, Label
 from bikewatch.logs import get_logger, native_stderr_as_debug
 from bikewatch.service.accounting import Accounting
@@ -336,8 +337,6 @@ class Service:
                 self.watcher.start()
         if not self.work.dir.is_dir():
             self._renew_work_area()
-        if self.watcher is not None:
-            self.watcher.unwatch_state_dir()  # watchdog rebuilds every watch after a queue overflow
         present = set()
         complete_after = self.mode.complete_after
         for seen in found:

@@ -7,7 +7,7 @@ closed after writing or renamed into the inbox needs only ``closed_settle_second
 too short to read ahead.) Reading a file
 changes nothing, so the service reads, decodes and classifies files that are still
 settling, and keeps each result with the signature the read vouched for (size,
-mtime, ctime, inode: :data:`bikewatch.intake.watching.Signature`; see
+mtime, ctime, inode: :data:`bikewatch.intake.scan.Signature`; see
 :func:`bikewatch.decode.prepare.signature_of`).
 
 When the file is claimed, a result is used only if the lstat taken just before the
@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from bikewatch.decode.prepare import Prepared
-from bikewatch.intake.watching import Seen
+from bikewatch.intake.scan import Seen
 
 QUIET_SECONDS = 0.1
 """A file is read ahead once it has been unchanged this long (a copy in progress changes every few ms)."""

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bikewatch.intake.watching import mount_fstype, needs_polling
+from bikewatch.intake.scan import mount_fstype, needs_polling
 
 
 def _shared_with_inbox(path: Path, inbox: Path) -> bool:
