@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -87,3 +88,22 @@ def daemons():
     yield started
     for d in started:
         d.stop_quietly()
+
+
+@pytest.fixture(autouse=True)
+def logging_as_it_was() -> Iterator[None]:
+    """A test that calls bikewatch.logs.configure() in process (its level, its stream) must not
+    change what later tests log or capture: structlog's configuration, the root logger's handlers
+    and level, and warnings capture are put back after every test."""
+    import logging
+
+    import structlog
+
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.captureWarnings(False)
