@@ -40,9 +40,7 @@ from bikewatch.inference.device import configure_device
 from bikewatch.inference.model import BackendChoice, ModelError
 from bikewatch.inference.stage import InferenceStage
 from bikewatch.intake.hints import Hints
-from bikewatch.intake.readiness import Readiness
-from bikewatch.intake.scan import is_ignored, mount_fstype, needs_polling, observe, scan
-from bikewatch.intake.watcher import InboxWatcher
+from bikewatch.intake.stage import Intake
 from bikewatch.labels import FOLDERS, Label
 from bikewatch.logs import get_logger, native_stderr_as_debug
 from bikewatch.service.accounting import Accounting
@@ -83,16 +81,12 @@ class Service:
         self.stop = threading.Event()
         self.reload = threading.Event()
         self.hints = Hints()
-        self.readiness = Readiness(s.settle_seconds, s.closed_settle_seconds)
         self.ledger = Ledger(s.log_path)
         self.metrics = Metrics()
         self.backoff = Backoff(s.retry_max_seconds)
         self.accounting = Accounting(self.metrics, self.log, on_batch, log_path=str(s.log_path))
         self.counts = self.accounting.counts
         self.inflight: collections.deque[InFlight] = collections.deque()
-        self.inbox_ok = True
-        self.watcher: InboxWatcher | None = None
-        self.polling = False
         self.work: WorkArea | None = None  # from start-up on (see _run)
         self.workers = default_workers(s.decode_workers)
         # Reads of files still settling: never more than two per decode worker queued ahead of a
@@ -100,6 +94,11 @@ class Service:
         self.read_ahead = ReadAhead(s.read_ahead if self.mode.read_ahead else 0,
                                     reading_max=max(2 * self.workers, s.max_batch),
                                     arrays_max=4 * s.max_batch, wake=self.hints.wake.set)
+        self.intake = Intake(s.inbox, self.hints, state_dir=s.state_dir, ignore=s.ignore, settle_seconds=s.settle_seconds,
+                             closed_settle_seconds=s.closed_settle_seconds, poll=s.poll,
+                             poll_interval_seconds=s.poll_interval_seconds, rescan_seconds=s.rescan_seconds,
+                             follower=self.read_ahead, on_gone=self._gone, log=self.log)
+        self.readiness = self.intake.readiness
         self.inference = InferenceStage(s.model, max_batch=s.max_batch, watch_model=s.watch_model, log=self.log)
         self.recoverer = Recoverer(inbox=s.inbox, output=s.output, state_dir=s.state_dir, ledger=self.ledger,
                                    stale_after=s.stale_worker_seconds, accounting=self.accounting,
@@ -140,16 +139,6 @@ class Service:
             self.notifier.ready()
         if new is not None:
             self.metrics.set_model(new.identity)
-
-    def _start_watching(self) -> None:
-        fstype = mount_fstype(self.s.inbox)
-        self.polling = self.s.poll == "yes" or (self.s.poll == "auto" and needs_polling(fstype))
-        mode = "poll" if self.polling else "inotify"
-        self.log.info("watching inbox", inbox=str(self.s.inbox), fstype=fstype, mode=mode,
-                      poll_interval_s=self.s.poll_interval_seconds if self.polling else None)
-        if not self.polling:
-            self.watcher = InboxWatcher(self.s.inbox, self.hints, self.s.state_dir)
-            self.watcher.start()
 
     def run(self) -> int:
         relay = self._signals()
@@ -207,7 +196,7 @@ class Service:
                 self.log.info("metrics served", address=self.s.metrics_address, port=self.s.metrics_port)
             self.recoverer.recover(work)
             if self.mode.watch:
-                self._start_watching()
+                self.intake.start_watching()
             self._full_scan(time.monotonic())
             self.notifier.ready(status="watching " + str(self.s.inbox))
             self.log.info("ready", inbox=str(self.s.inbox), output=str(self.s.output), log=str(self.s.log_path),
@@ -222,8 +211,7 @@ class Service:
             self.publisher.remove_status_file(current.name)
             self.publisher.write_metrics()
             self.metrics.close()
-            if self.watcher:
-                self.watcher.stop()
+            self.intake.stop()
             current.close()
         self.log.info("stopped", **self._summary())
         return Exit.OK
@@ -238,7 +226,7 @@ class Service:
     def _loop(self) -> None:
         assert self.work is not None and self.deliverer is not None
         deliverer = self.deliverer
-        next_scan = time.monotonic() + (self.s.poll_interval_seconds if self.polling else self.s.rescan_seconds)
+        next_scan = time.monotonic() + self.intake.scan_interval
         while True:
             now = time.monotonic()
             self.notifier.maybe_ping_watchdog(now)
@@ -252,23 +240,19 @@ class Service:
                 self._join_delivery()
                 if not deliverer.owed:
                     return
-            paths, closed, rescan = self.hints.take()
-            for rel in sorted(paths):  # in Readiness's order (same clock, then name): nothing to re-sort
-                self._observe(rel, now)
-            for rel in closed:
-                self.readiness.mark_closed(rel)
-            if self.mode.watch and (rescan or now >= next_scan or (self.watcher is not None
-                                                                   and not self.watcher.alive)):
+            assert self.claimer is not None
+            rescan = self.intake.take_hints(now, self.claimer.taken)
+            if self.mode.watch and (rescan or now >= next_scan or self.intake.watcher_died()):
                 self._full_scan(now)
-                if now >= next_scan and self.inbox_ok and not self.recoverer.left:
+                if now >= next_scan and self.intake.ok and not self.recoverer.left:
                     self.recoverer.recover(self.work)  # a worker that died and was never restarted
-                next_scan = now + (self.s.poll_interval_seconds if self.polling else self.s.rescan_seconds)
+                next_scan = now + self.intake.scan_interval
             self._maybe_reload_model(now)
             if (deliverer.owed or self.recoverer.left) and not self.backoff.blocked(now):
                 self._retry(now)
             # Nothing new is taken while an earlier batch still waits for the output or the CSV.
             while (len(self.inflight) < IN_FLIGHT and not stopping and not self.backoff.blocked(now)
-                   and self.inbox_ok and not deliverer.owed and not self.recoverer.left):
+                   and self.intake.ok and not deliverer.owed and not self.recoverer.left):
                 if not self._maybe_dispatch(now):
                     break
             if not stopping and self._read_ahead(now):
@@ -303,53 +287,17 @@ class Service:
             waits.append(read_due)
         return min(max(0.005, w) for w in waits)
 
-    def _observe(self, rel: str, now: float) -> None:
-        assert self.claimer is not None
-        if rel in self.claimer.taken:
-            return
-        seen = observe(self.s.inbox, rel)
-        if seen is None:
-            self.readiness.forget(rel)
-            self.read_ahead.forget(rel)
+    def _gone(self, rel: str) -> None:
+        """A file went away before it was claimed: it waits for no batch any more."""
+        if self.claimer is not None:
             self.claimer.forget(rel)
-        else:
-            if any(is_ignored(part, self.s.ignore) for part in rel.split(os.sep)):
-                return
-            if self.readiness.update(seen, now):
-                self.read_ahead.noticed(rel, now)
 
     def _full_scan(self, now: float) -> None:
+        """Intake's scan; a work folder that went with the inbox's filesystem is started anew."""
         assert self.claimer is not None and self.work is not None
-        try:
-            found = list(scan(self.s.inbox, self.s.ignore, skip=[self.s.state_dir]))
-        except OSError as exc:
-            if self.inbox_ok:
-                self.log.error("inbox unavailable; will retry, nothing is forgotten", inbox=str(self.s.inbox),
-                               error=exc.strerror or str(exc))
-            self.inbox_ok = False
-            return
-        if not self.inbox_ok:
-            self.log.info("inbox available again", inbox=str(self.s.inbox))
-            self.inbox_ok = True
-            if self.watcher is not None and not self.polling:
-                self.watcher.stop()
-                self.watcher = InboxWatcher(self.s.inbox, self.hints, self.s.state_dir)
-                self.watcher.start()
-        if not self.work.dir.is_dir():
-            self._renew_work_area()
-        present = set()
-        complete_after = self.mode.complete_after
-        for seen in found:
-            if seen.rel in self.claimer.taken:
-                continue
-            present.add(seen.rel)
-            if self.readiness.update(seen, now):
-                self.read_ahead.noticed(seen.rel, now)
-            if complete_after is not None and time.time() - seen.mtime_ns / 1e9 > complete_after:
-                # A dump that has sat still for longer than the settle time is complete.
-                self.readiness.mark_closed(seen.rel)
-        self.readiness.retain(present)
-        self.read_ahead.retain(present)
+        if self.intake.full_scan(now, self.claimer.taken, complete_after=self.mode.complete_after):
+            if not self.work.dir.is_dir():
+                self._renew_work_area()
 
     def _renew_work_area(self) -> bool:
         """Our work folder vanished (the inbox's filesystem was unmounted or replaced): start a new one.
@@ -396,7 +344,7 @@ class Service:
         if not ra.limit:
             return False
         ra.harvest()
-        while self.inbox_ok and ra.room() > 0 and (rel := ra.due(now)) is not None:
+        while self.intake.ok and ra.room() > 0 and (rel := ra.due(now)) is not None:
             seen = self.readiness.settling(rel, now, QUIET_SECONDS)
             if seen is None or rel in self.claimer.taken or not ra.wanted(seen):
                 continue  # gone, changed again (a later entry is queued), ready already, or read already
@@ -461,6 +409,6 @@ class Service:
         if self.work is None:
             return
         self.publisher.maybe_publish(now, View(
-            waiting=len(self.readiness), blocked=self.backoff.blocked(time.monotonic()), inbox_ok=self.inbox_ok,
+            waiting=len(self.readiness), blocked=self.backoff.blocked(time.monotonic()), inbox_ok=self.intake.ok,
             model=self.inference.identity, read_ahead_used=self.read_ahead.used,
             read_ahead_wasted=self.read_ahead.wasted, work_name=self.work.name))
