@@ -8,7 +8,7 @@ temperature and ECE were fitted per seed on that seed's pooled out-of-fold user-
 they are given per seed and as a mean.
 
     .venv/bin/python benchmarks/kfold_summary.py --json benchmarks/results-kfold10.json \\
-        --logs benchmarks/results-kfold10-*.log --reports benchmarks/results-kfold10-s*.json \\
+        --reports benchmarks/results-kfold10-*-s?.json --logs benchmarks/results-kfold10-*.log \\
         [--card bikewatch/default_model/bikes.card.json]
 """
 
@@ -55,8 +55,9 @@ def summarise(reports: list[dict], fold_lines: list[str]) -> dict:
             entry[key] = {"per_seed": [run[key] for _, run in runs], "mean": float(np.mean([run[key] for _, run in runs]))}
         for thr in ("0.6", "0.7", "0.8"):
             cell = [run[f"unsure_below_{thr}"] for _, run in runs]
+            rest = [c["accuracy_of_the_rest"] for c in cell]  # None where every photo was unsure
             entry[f"unsure_below_{thr}"] = {"share_unsure": float(np.mean([c["share_unsure"] for c in cell])),
-                                            "accuracy_of_the_rest": float(np.mean([c["accuracy_of_the_rest"] for c in cell]))}
+                                            "accuracy_of_the_rest": None if None in rest else float(np.mean(rest))}
         entry["seconds"] = float(sum(run["seconds"] for _, run in runs))
         out["recipes"][name] = entry
     return out
