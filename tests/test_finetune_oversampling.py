@@ -3,7 +3,7 @@ with one or two corrections turns into training on them alone."""
 
 from __future__ import annotations
 
-from bikewatch.finetune import MAX_REPEATS, correction_repeats
+from bikewatch.offline.finetune import MAX_REPEATS, correction_repeats
 
 
 def test_corrections_together_weigh_about_as_much_as_the_rest() -> None:
