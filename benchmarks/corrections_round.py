@@ -9,7 +9,7 @@ original photos (A) and, a second time, without them. Both models are then measu
 corrected photos, on other user-like photos of bikes in neither A nor the dump, and on test/
 with mirror images.
 
-    .venv/bin/python benchmarks/corrections_round.py [--work /tmp/bikewatch-corrections]
+    .venv/bin/python benchmarks/corrections_round.py --spec framed [--seed 5] [--work DIR] [--json FILE]
 """
 
 from __future__ import annotations

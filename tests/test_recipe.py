@@ -178,7 +178,7 @@ def test_fine_tune_learns_the_corrections_and_keeps_the_rest(tmp_path: Path) -> 
     from bikewatch.offline.training import predict_keras
 
     assert (predict_keras(new, fresh.x).argmax(1) == fresh.y).all()
-    assert report["corrections_in_training"] == 6 and report["correction_weight"] >= 1
+    assert report["corrections_in_training"] == 6 and report["correction_repeats"] >= 1
     assert report["held_out_photos"] >= 2 and len(train) == len(output) + len(orig) - report["held_out_photos"]
 
 

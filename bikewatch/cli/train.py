@@ -48,7 +48,7 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument("data_dir", type=Path)
     p.add_argument("--out", type=Path, required=True, help="model file to write (.keras); a .card.json goes beside it")
     p.add_argument("--epochs", type=int, default=None,
-                   help="passes over the photos (default: the recipe's 50; at most 25 when fine-tuning, stopping early)")
+                   help="passes over the photos (default: the recipe's 50; at most 30 when fine-tuning, stopping early)")
     p.add_argument("--batch-size", type=int, default=None, help="photos per step (default: the recipe's 16)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--original", type=Path, metavar="DIR",
