@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from benchmarks.bench import toml_value  # one TOML writer for the bench's daemon and the tests'
+from bikewatch.intake.hints import Hints
 from bikewatch.testing.notify import NotifyListener  # one NOTIFY_SOCKET receiver for them too
 
 REPO = Path(__file__).resolve().parent.parent
@@ -161,3 +162,36 @@ def files_under(folder: Path) -> list[Path]:
                 continue
             out.append(p)
     return sorted(out)
+
+
+def fill_up(folder: Path) -> Path:
+    """Fill ``folder``'s filesystem (a small tmpfs) with one file; returns it (unlink it to make room)."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass  # full
+    finally:
+        os.close(fd)
+    return filler
+
+
+def collect(hints: Hints, until: Callable[[set[str], set[str], bool], bool],
+            timeout: float = 10.0) -> tuple[set[str], set[str], bool]:
+    """Gather a watcher's hints until ``until(paths, closed, rescan)`` holds; fail after ``timeout`` seconds."""
+    paths: set[str] = set()
+    closed: set[str] = set()
+    rescan = False
+    deadline = time.monotonic() + timeout
+    while not until(paths, closed, rescan):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no such hints within {timeout}s: paths={paths} closed={closed} rescan={rescan}")
+        hints.wake.wait(left)
+        p, c, r = hints.take()
+        paths |= p
+        closed |= c
+        rescan |= r
+    return paths, closed, rescan

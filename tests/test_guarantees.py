@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Daemon, read_csv, wait_until
+from harness import Daemon, fill_up, read_csv, wait_until
 from photos import (
     broken_bytes, check_nothing_lost, hash_multiset, move_in, photo_bytes, rss_kib, work_leftovers, write_photos,
 )
@@ -39,27 +39,6 @@ FAST = {"settle_seconds": 0.2, "closed_settle_seconds": 0.05, "max_wait_ms": 20,
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path):
-    """``tmpfs(name, size)`` mounts a fresh tmpfs at tmp_path/name; skips when mounting is not allowed."""
-    mounted: list[Path] = []
-
-    def mount(name: str, size: str) -> Path:
-        point = tmp_path / name
-        point.mkdir(exist_ok=True)
-        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(point)],
-                             capture_output=True, text=True)
-        if res.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs (needs root): {res.stderr.strip() or res.returncode}")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in reversed(mounted):
-        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
 def remount(point: Path, options: str) -> None:
@@ -314,15 +293,7 @@ def test_output_disk_full_waits_with_one_error_and_resumes(tmp_path: Path, tmpfs
 def test_csv_log_that_cannot_grow_owes_rows_and_pays_them(tmp_path: Path, tmpfs, daemons: list[Daemon]) -> None:
     """The CSV on its own full filesystem: photos may be placed, but each gets its row once it can grow."""
     logfs = tmpfs("logfs", "256k")
-    filler = logfs / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        while os.write(fd, b"\0" * 4096):
-            pass
-    except OSError:
-        pass  # full
-    finally:
-        os.close(fd)
+    filler = fill_up(logfs)
     log = logfs / "classifications.csv"
     d = Daemon(tmp_path, settings={**FAST, "max_batch": 8, "retry_max_seconds": 1.0, "log_level": "debug",
                                    "log": str(log)})

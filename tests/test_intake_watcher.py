@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 
 from bikewatch.intake.hints import Hints
 from bikewatch.intake.watcher import InboxWatcher
-from harness import wait_until
+from harness import collect, wait_until
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:
@@ -26,23 +25,6 @@ def touch(path: Path, data: bytes = b"x") -> Path:
     return path
 
 
-def collect(hints: Hints, until: Callable[[set[str], set[str], bool], bool],
-            timeout: float = 10.0) -> tuple[set[str], set[str], bool]:
-    """Gather hints until ``until(paths, closed, rescan)`` holds; fail after ``timeout`` seconds."""
-    paths: set[str] = set()
-    closed: set[str] = set()
-    rescan = False
-    deadline = time.monotonic() + timeout
-    while not until(paths, closed, rescan):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"no such hints within {timeout}s: paths={paths} closed={closed} rescan={rescan}")
-        hints.wake.wait(left)
-        p, c, r = hints.take()
-        paths |= p
-        closed |= c
-        rescan |= r
-    return paths, closed, rescan
 
 
 @pytest.fixture

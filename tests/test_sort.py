@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
-from harness import REPO, files_under, read_csv
+from harness import REPO, files_under, fill_up, read_csv
 
 
 def _digest(path: Path) -> str:
@@ -107,57 +105,40 @@ def test_summary_counts_files_recovered_from_a_dead_worker(tmp_path: Path) -> No
     assert "sorted 4 files" in done.stdout, done.stdout
 
 
-def test_summary_counts_files_whose_rows_were_written_by_a_retry(tmp_path: Path) -> None:
+def test_summary_counts_files_whose_rows_were_written_by_a_retry(tmp_path: Path, tmpfs) -> None:
     """The CSV's filesystem is full at first: the batch is placed, its rows are owed, a retry pays them.
 
     Needs root to mount a tmpfs (skips otherwise)."""
-    logfs = tmp_path / "logfs"
-    logfs.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(logfs)],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {res.stderr.strip() or res.returncode}")
+    logfs = tmpfs("logfs", "256k")
+    filler = fill_up(logfs)
+    dump, out, log = tmp_path / "dump", tmp_path / "sorted", logfs / "classifications.csv"
+    names = _photos(dump, 5, seed=2)
+    config = tmp_path / "bikewatch.toml"
+    config.write_text("[bikewatch]\nretry_max_seconds = 1.0\nmax_batch = 8\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bikewatch", "sort", str(dump), "--output", str(out), "--log", str(log),
+         "--config", str(config), "--no-progress"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"})
+    err: list[str] = []
     try:
-        filler = logfs / "filler"
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
-            while os.write(fd, b"\0" * 4096):
-                pass
-        except OSError:
-            pass  # full
-        finally:
-            os.close(fd)
-        dump, out, log = tmp_path / "dump", tmp_path / "sorted", logfs / "classifications.csv"
-        names = _photos(dump, 5, seed=2)
-        config = tmp_path / "bikewatch.toml"
-        config.write_text("[bikewatch]\nretry_max_seconds = 1.0\nmax_batch = 8\n")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bikewatch", "sort", str(dump), "--output", str(out), "--log", str(log),
-             "--config", str(config), "--no-progress"],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"})
-        err: list[str] = []
-        try:
-            assert proc.stderr is not None
-            for line in proc.stderr:  # the first error line says the rows are owed; then make room
-                err.append(line)
-                if "output unavailable" in line:
-                    break
-            assert any("output unavailable" in line for line in err), "".join(err)
-            assert not log.exists() or not read_csv(log)
-            filler.unlink()
-            stdout, rest = proc.communicate(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-        assert proc.returncode == 0, "".join(err) + rest
-        rows = read_csv(log)
-        assert sorted(Path(r["source"]).name for r in rows) == names
-        assert "sorted 5 files" in stdout, stdout
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the first error line says the rows are owed; then make room
+            err.append(line)
+            if "output unavailable" in line:
+                break
+        assert any("output unavailable" in line for line in err), "".join(err)
+        assert not log.exists() or not read_csv(log)
+        filler.unlink()
+        stdout, rest = proc.communicate(timeout=120)
     finally:
-        if subprocess.run(["umount", str(logfs)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(logfs)], capture_output=True)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, "".join(err) + rest
+    rows = read_csv(log)
+    assert sorted(Path(r["source"]).name for r in rows) == names
+    assert "sorted 5 files" in stdout, stdout
 
 
 # --------------------------------------------------------------------------- the dry run decodes as the daemon

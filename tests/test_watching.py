@@ -7,7 +7,6 @@ observer run on real tmp folders, waited for with deadlines, never sleeps.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -18,6 +17,7 @@ from bikewatch.intake.hints import Hints
 from bikewatch.intake.readiness import Readiness
 from bikewatch.intake.scan import Seen, is_ignored, mount_fstype, needs_polling, observe, scan
 from bikewatch.intake.watcher import InboxWatcher
+from harness import collect
 
 
 def seen(rel: str = "a.jpg", size: int = 10, mtime: int = 1, ino: int = 7, regular: bool = True) -> Seen:
@@ -284,22 +284,6 @@ def watched(tmp_path: Path) -> Iterator[tuple[Path, Hints]]:
     assert not watcher.alive
 
 
-def collect(hints: Hints, until, timeout: float = 10.0) -> tuple[set[str], set[str], bool]:
-    """Gather hints until ``until(paths, closed, rescan)`` holds; fail after ``timeout`` seconds."""
-    paths: set[str] = set()
-    closed: set[str] = set()
-    rescan = False
-    deadline = time.monotonic() + timeout
-    while not until(paths, closed, rescan):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"no such hints within {timeout}s: paths={paths} closed={closed} rescan={rescan}")
-        hints.wake.wait(left)
-        p, c, r = hints.take()
-        paths |= p
-        closed |= c
-        rescan |= r
-    return paths, closed, rescan
 
 
 def test_watcher_hints_a_created_file_and_its_close(watched: tuple[Path, Hints]) -> None:
