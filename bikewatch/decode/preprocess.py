@@ -159,6 +159,11 @@ def canonical_orientation(batch: np.ndarray) -> np.ndarray:
     return out
 
 
+def _peak(arr: np.ndarray) -> float:
+    """The largest value, 0 for an empty image (numpy's ``initial=`` has no stub every numpy version accepts)."""
+    return float(arr.max()) if arr.size else 0.0
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB; transparency is composited on white, 16-bit is scaled."""
     mode = image.mode
@@ -166,12 +171,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         arr = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        top = 65535.0 if mode.startswith("I;16") or _peak(arr) > 255 else 255.0
         gray = np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8)
         return Image.fromarray(gray).convert("RGB")
     if mode == "F":
         arr = np.asarray(image, dtype=np.float64)
-        top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+        top = 1.0 if _peak(arr) <= 1.0 else 255.0
         gray = np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8)
         return Image.fromarray(gray).convert("RGB")
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
