@@ -74,6 +74,11 @@ class Accounting:
         if self.on_batch:
             self.on_batch(items)
 
+    def finished(self, res: BatchOutcome, how: How = "batch") -> None:
+        """A batch (or a dead worker's folder) finished: its damage reported, its delivered files counted."""
+        self.damage(res)
+        self.delivered(res.delivered, how)
+
     def damage(self, res: BatchOutcome) -> None:
         """One error per damaged journal; one warning per batch whose worker's CSV cannot be reached."""
         for journal, moved, why in res.quarantined:

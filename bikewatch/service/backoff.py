@@ -6,6 +6,8 @@ and the first failure is logged as an error, the retries only at debug level.
 
 from __future__ import annotations
 
+from typing import Any
+
 OUTPUT_UNAVAILABLE = "output unavailable; photos stay in the inbox, retrying"
 """The one error line of an outage (later retries say it at debug level)."""
 
@@ -22,6 +24,12 @@ class Backoff:
     def failing(self) -> bool:
         """Whether a failure is being waited out (the next one is then a retry's, logged at debug)."""
         return self.seconds > 0
+
+    def fail(self, now: float, log: Any, **fields: Any) -> None:
+        """The output failed: :meth:`block`, and say so (an error the first time, debug for each retry)."""
+        first = not self.failing
+        self.block(now)
+        (log.error if first else log.debug)(OUTPUT_UNAVAILABLE, **fields, retry_in_s=self.seconds)
 
     def block(self, now: float) -> None:
         """A failure now: wait twice as long as last time before the next try."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from bikewatch.service.accounting import Accounting
-from bikewatch.service.backoff import OUTPUT_UNAVAILABLE, Backoff
+from bikewatch.service.backoff import Backoff
 from bikewatch.service.claimer import InFlight
 from bikewatch.store.claim import return_to_inbox
 from bikewatch.store.deliver import BatchOutcome, DeliveryError, deliver_decided, finish_batch
@@ -83,11 +83,10 @@ class Deliverer:
             self.release(sources)
             return False
         self.release(sources)
-        self.accounting.damage(result)
         if self.backoff.recovered():
             self.log.info("output available again", output=str(self.output))
         self.accounting.batch(len(d.journal.items), time.monotonic() - d.batch.started)
-        self.accounting.delivered(result.delivered)
+        self.accounting.finished(result)
         self.log.info("batch", size=len(d.journal.items), classified=d.classified, read_ahead=len(d.batch.early),
                       infer_ms=round(d.infer_ms, 1), total_ms=round((time.monotonic() - d.batch.started) * 1000, 1))
         return True
@@ -105,8 +104,7 @@ class Deliverer:
         """
         try:
             res = finish_batch(journal_path, work_dir, inbox=self.inbox, output=self.output, ledger=self.ledger)
-            self.accounting.damage(res)
-            self.accounting.delivered(res.delivered, "retry")  # a claimed journal delivers none, but one path
+            self.accounting.finished(res, "retry")  # a claimed journal delivers none, but one path
         except OSError:
             self.owed.append(journal_path)
         self.release(sources)
@@ -116,10 +114,8 @@ class Deliverer:
             returned = return_to_inbox(journal_path, work_dir, inbox=self.inbox)
         except OSError:  # the inbox (with our work folder) is away too: the retry finishes the journal
             returned = []
-        first = not self.backoff.failing
-        self.owe(journal_path, time.monotonic())
-        (self.log.error if first else self.log.debug)(
-            OUTPUT_UNAVAILABLE, error=str(exc), returned=len(returned), retry_in_s=self.backoff.seconds)
+        self.owed.append(journal_path)
+        self.backoff.fail(time.monotonic(), self.log, error=str(exc), returned=len(returned))
 
     def retry(self, now: float, work_dir: Path) -> bool:
         """Try every owed journal again; True when something was delivered."""
@@ -141,8 +137,7 @@ class Deliverer:
                 still.append(path)
                 self.log.debug("retry failed", error=str(exc))
                 continue
-            self.accounting.damage(res)
-            self.accounting.delivered(res.delivered, "retry")
+            self.accounting.finished(res, "retry")
             delivered = delivered or bool(res.delivered)
         self.owed = still
         if still:

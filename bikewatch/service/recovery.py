@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bikewatch.service.accounting import Accounting
-from bikewatch.service.backoff import OUTPUT_UNAVAILABLE, Backoff
+from bikewatch.service.backoff import Backoff
 from bikewatch.store.claim import return_to_inbox
 from bikewatch.store.failover import remove_status_of, sweep_status_files
 from bikewatch.store.journal import Item, journals
@@ -58,18 +58,13 @@ class Recoverer:
                         return_to_inbox(journal_path, folder, inbox=self.inbox)
                     except OSError:
                         pass
-                first = not self.backoff.failing
-                self.backoff.block(time.monotonic())
-                (self.log.error if first else self.log.debug)(
-                    OUTPUT_UNAVAILABLE, error=str(exc),
-                    folder=folder.name, retry_in_s=self.backoff.seconds)
+                self.backoff.fail(time.monotonic(), self.log, error=str(exc), folder=folder.name)
                 continue
             except Exception as exc:  # noqa: BLE001 - no state on disk may stop the service
                 self.log.exception("cannot recover the work of a stopped worker; left for a later start",
                                    folder=folder.name, error=str(exc))
                 continue
-            self.accounting.damage(res)
-            self.accounting.delivered(res.delivered, "recovery")
+            self.accounting.finished(res, "recovery")
             dead = folder.name.removeprefix(ADOPTED_PREFIX)
             self.log.info("recovered work of a stopped worker", folder=dead,
                           delivered=len(res.delivered), returned=len(res.returned),
