@@ -51,6 +51,11 @@ over all the workers when there are many.
 """
 
 
+def default_workers(configured: int) -> int:
+    """Decode workers: as configured (``decode_workers``), or one per core."""
+    return configured or max(1, os.cpu_count() or 1)
+
+
 def take_size(queued: int, workers: int) -> int:
     """How many files a free proxy takes, ``queued`` being the files waiting, its first one included. Pure."""
     return max(1, min(CHUNK, -(-queued // max(1, workers))))

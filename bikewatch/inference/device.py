@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 
 from bikewatch.config import ConfigError
+from bikewatch.inference.model import BackendChoice
+
+
+def backend_for(device: str) -> BackendChoice:
+    """The model's runtime for what :func:`configure_device` returned: LiteRT where it can on a CPU, Keras on a GPU."""
+    return "auto" if device.startswith("cpu") else "keras"
 
 
 def configure_device(device: str) -> str:

@@ -9,14 +9,14 @@ returns when DIR is drained. ``--dry-run`` decodes, classifies and decides the s
 from __future__ import annotations
 
 import collections
-import os
 import sys
 from typing import Any
 
 from bikewatch.clock import utc_now
 from bikewatch.config import Settings
 from bikewatch.decision import decide_batch
-from bikewatch.decode.pool import DecodePool
+from bikewatch.decode.pool import DecodePool, default_workers
+from bikewatch.logs import get_logger
 from bikewatch.store.journal import Item
 from bikewatch.intake.scan import scan
 
@@ -29,18 +29,15 @@ def plan(settings: Settings) -> list[Item]:
     and its decision (:func:`~bikewatch.decision.decide_batch`), batch by batch; only the claim
     and the delivery are left out.
     """
-    from bikewatch.inference.batch import BatchBuffer
-    from bikewatch.inference.device import configure_device
-    from bikewatch.inference.model import load_classifier
+    from bikewatch.inference.device import backend_for, configure_device
+    from bikewatch.inference.stage import InferenceStage
 
     found = [s.rel for s in scan(settings.inbox, settings.ignore, skip=[settings.state_dir])]
-    device = configure_device(settings.device)
-    classifier = load_classifier(settings.model, backend="auto" if device.startswith("cpu") else "keras")
-    buffer = BatchBuffer(settings.max_batch)
+    inference = InferenceStage(settings.model, max_batch=settings.max_batch, watch_model=False, log=get_logger())
+    inference.start(backend_for(configure_device(settings.device)))
     chosen: dict[str, set[str]] = {}
     out: list[Item] = []
-    workers = settings.decode_workers or max(1, os.cpu_count() or 1)
-    with DecodePool(workers, previews=settings.previews) as pool:
+    with DecodePool(default_workers(settings.decode_workers), previews=settings.previews) as pool:
         for start in range(0, len(found), settings.max_batch):
             rels = found[start:start + settings.max_batch]
             futures = [pool.submit(settings.inbox / rel, rel, max_pixels=settings.max_pixels) for rel in rels]
@@ -48,7 +45,7 @@ def plan(settings: Settings) -> list[Item]:
             good = [i for i, p in enumerate(prepared) if p.array is not None]
             probs = {}
             if good:
-                got = classifier.predict(buffer.stack([prepared[i].array for i in good]))  # type: ignore[misc]
+                got = inference.predict([prepared[i].array for i in good])  # type: ignore[misc]
                 probs = {i: got[j] for j, i in enumerate(good)}
             items = [Item(key=rel, source=rel) for rel in rels]
             out += decide_batch(items, prepared, probs, unsure_below=settings.unsure_below, output=settings.output,

@@ -9,7 +9,6 @@ meanwhile and a claim never waits behind a delivery's fsyncs.
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -142,7 +141,3 @@ class Claimer:
     def shutdown(self) -> None:
         self._thread.shutdown(wait=True)
 
-
-def default_workers(configured: int) -> int:
-    """Decode workers: as configured, or one per core."""
-    return configured or max(1, os.cpu_count() or 1)

@@ -32,12 +32,12 @@ from typing import Any, Callable
 
 from bikewatch.config import Settings, describe
 from bikewatch.decision import decide_batch
-from bikewatch.decode.pool import DecodePool, Task
+from bikewatch.decode.pool import DecodePool, Task, default_workers
 from bikewatch.decode.stage import DecodeStage
 from bikewatch.clock import utc_now
 from bikewatch.exits import Exit
-from bikewatch.inference.device import configure_device
-from bikewatch.inference.model import BackendChoice, ModelError
+from bikewatch.inference.device import backend_for, configure_device
+from bikewatch.inference.model import ModelError
 from bikewatch.inference.stage import InferenceStage
 from bikewatch.intake.hints import Hints
 from bikewatch.intake.stage import Intake
@@ -45,7 +45,7 @@ from bikewatch.labels import FOLDERS, Label
 from bikewatch.logs import get_logger, native_stderr_as_debug
 from bikewatch.service.accounting import Accounting
 from bikewatch.service.backoff import Backoff
-from bikewatch.service.claimer import Claimer, InFlight, default_workers
+from bikewatch.service.claimer import Claimer, InFlight
 from bikewatch.service.deliverer import Deliverer
 from bikewatch.service.metrics import Metrics
 from bikewatch.service.mode import Mode
@@ -173,10 +173,9 @@ class Service:
         self.notifier.extend_timeout(120)
         with native_stderr_as_debug("tensorflow start-up"):  # absl's lines, not errors of ours
             device = configure_device(self.s.device)
-        backend: BackendChoice = "auto" if device.startswith("cpu") else "keras"
         self.log.info("device", device=device)
         try:
-            model = self.inference.start(backend)
+            model = self.inference.start(backend_for(device))
             self.metrics.set_model(model.identity)
         except ModelError as exc:
             self.log.error("cannot load model", error=str(exc))
