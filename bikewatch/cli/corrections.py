@@ -13,6 +13,7 @@ from bikewatch.exits import Exit
 def handle(args: argparse.Namespace) -> int:
     from bikewatch.config import ConfigError
     from bikewatch.offline.corrections import find_corrections_in_log, format_table, resolve_log, summary
+    from bikewatch.store.ledger import probability_field
 
     try:
         log = resolve_log(args.log, args.config)
@@ -25,8 +26,7 @@ def handle(args: argparse.Namespace) -> int:
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(["file", "logged_label", "current_label", "confidence", "path"])
         for c in findings.corrections:
-            writer.writerow([c.display, c.logged, c.current, "" if c.confidence is None else f"{c.confidence:.6f}",
-                             str(c.path)])
+            writer.writerow([c.display, c.logged, c.current, probability_field(c.confidence), str(c.path)])
         print(summary(findings), file=sys.stderr)
     else:
         if findings.corrections:

@@ -20,6 +20,7 @@ import numpy as np
 from bikewatch.inference.model import Classifier
 from bikewatch.labels import CLASSES
 from bikewatch.decode.preprocess import PreprocessError, is_image_name, preprocess_file
+from bikewatch.store.ledger import probability_field
 
 CSV_COLUMNS = ("path", "label", "confidence", "p_mountain", "p_road", "error", "model")
 
@@ -37,11 +38,6 @@ class Result:
         if self.p_mountain is None or self.p_road is None:
             return None
         return max(self.p_mountain, self.p_road)
-
-
-def fmt_prob(p: float | None) -> str:
-    """Six decimals: enough to rank, short enough to read in a spreadsheet."""
-    return "" if p is None else f"{p:.6f}"
 
 
 def expand_paths(args: Sequence[str]) -> list[Path]:
@@ -88,7 +84,8 @@ def to_csv(results: Iterable[Result], model: str) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     for r in results:
-        w.writerow([r.path, r.label, fmt_prob(r.confidence), fmt_prob(r.p_mountain), fmt_prob(r.p_road), r.error, model])
+        w.writerow([r.path, r.label, probability_field(r.confidence), probability_field(r.p_mountain),
+                    probability_field(r.p_road), r.error, model])
     return buf.getvalue()
 
 

@@ -23,7 +23,7 @@ from bikewatch.store.failover import locate_ledger
 from bikewatch.store.journal import (
     PHASE_CLAIMED, PHASE_DECIDED, Item, Journal, JournalDamaged, read_journal, remove_journal, write_journal,
 )
-from bikewatch.store.ledger import Ledger, Row
+from bikewatch.store.ledger import Ledger, Row, probability_field
 from bikewatch.store.workarea import STALE_SECONDS
 
 
@@ -46,15 +46,11 @@ class DeliveryError(OSError):
     """The output (or the CSV log) cannot take files right now: full, read-only, gone."""
 
 
-def _fmt(p: float | None) -> str:
-    return "" if p is None else f"{p:.6f}"
-
-
 def row_for(item: Item, *, inbox: Path, output: Path, model: str, worker: str) -> Row:
     return Row(
         timestamp=item.timestamp, source=os.path.join(inbox, item.source), destination=os.path.join(output, item.dest),
-        label=item.label, confidence=_fmt(item.confidence), p_mountain=_fmt(item.p_mountain),
-        p_road=_fmt(item.p_road), sha256=item.sha256, model=model, error=item.error,
+        label=item.label, confidence=probability_field(item.confidence), p_mountain=probability_field(item.p_mountain),
+        p_road=probability_field(item.p_road), sha256=item.sha256, model=model, error=item.error,
         size_bytes=str(item.size), id=item.key, worker=worker, decoded_from=item.decoded_from,
     )
 

@@ -45,6 +45,12 @@ class Row:
         return [getattr(self, f.name) for f in fields(self)]
 
 
+def probability_field(p: float | None) -> str:
+    """A probability or confidence as every bikewatch CSV writes it: six decimals (enough to rank,
+    short enough to read in a spreadsheet); empty when there is none (a rejected file)."""
+    return "" if p is None else f"{p:.6f}"
+
+
 def _text(value: str) -> str:
     # File names may hold bytes that are not UTF-8 (surrogate escapes): keep them visible
     # as the bytes they are ("\\xff"), not as Python's internal surrogate ("\\udcff").
