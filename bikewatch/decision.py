@@ -18,6 +18,7 @@ from bikewatch.labels import Label
 from bikewatch.store.deliver import free_name
 from bikewatch.store.journal import Item
 
+
 def decide(p_mountain: float, p_road: float, unsure_below: float) -> str:
     """Label from probabilities; ``unsure`` only when a threshold is set and not met."""
     label = Label.ROAD if p_road > p_mountain else Label.MOUNTAIN

@@ -98,7 +98,6 @@ class Service:
                              closed_settle_seconds=s.closed_settle_seconds, poll=s.poll,
                              poll_interval_seconds=s.poll_interval_seconds, rescan_seconds=s.rescan_seconds,
                              follower=self.read_ahead, on_gone=self._gone, log=self.log)
-        self.readiness = self.intake.readiness
         self.inference = InferenceStage(s.model, max_batch=s.max_batch, watch_model=s.watch_model, log=self.log)
         self.recoverer = Recoverer(inbox=s.inbox, output=s.output, state_dir=s.state_dir, ledger=self.ledger,
                                    stale_after=s.stale_worker_seconds, accounting=self.accounting,
@@ -148,7 +147,7 @@ class Service:
                             previews=self.s.previews) as pool:
                 self.decode = DecodeStage(pool, max_pixels=self.s.max_pixels, previews=self.s.previews)
                 self.claimer = Claimer(
-                    self.s.inbox, self.readiness, self.read_ahead, self.decode, max_batch=self.s.max_batch,
+                    self.s.inbox, self.intake.readiness, self.read_ahead, self.decode, max_batch=self.s.max_batch,
                     max_wait_ms=self.s.max_wait_ms, worker=self.s.worker_name,
                     # Written into every journal: which CSV this worker records to, so any host can finish its batches there.
                     origin=origin(self.s.inbox, self.s.log_path, socket.gethostname()))
@@ -199,7 +198,7 @@ class Service:
             self._full_scan(time.monotonic())
             self.notifier.ready(status="watching " + str(self.s.inbox))
             self.log.info("ready", inbox=str(self.s.inbox), output=str(self.s.output), log=str(self.s.log_path),
-                          waiting=len(self.readiness))
+                          waiting=len(self.intake.readiness))
             self._loop()
         finally:
             current = self.work  # may be a newer one than at start-up (see _renew_work_area)
@@ -219,7 +218,7 @@ class Service:
 
     def _summary(self) -> dict[str, Any]:
         return {"sorted": dict(self.counts.by_label), "batches": self.counts.batches,
-                "waiting": len(self.readiness), "read_ahead_used": self.read_ahead.used,
+                "waiting": len(self.intake.readiness), "read_ahead_used": self.read_ahead.used,
                 "read_ahead_wasted": self.read_ahead.wasted}
 
     def _loop(self) -> None:
@@ -234,7 +233,7 @@ class Service:
             if stopping and not self.inflight:
                 self._join_delivery()
                 return
-            if (self.mode.stop_when_drained and not self.inflight and not len(self.readiness)
+            if (self.mode.stop_when_drained and not self.inflight and not len(self.intake.readiness)
                     and not deliverer.owed):
                 self._join_delivery()
                 if not deliverer.owed:
@@ -266,7 +265,7 @@ class Service:
     def _timeout(self, now: float, next_scan: float) -> float:
         assert self.claimer is not None and self.deliverer is not None
         waits = [next_scan - now]
-        due = self.readiness.next_due(now)
+        due = self.intake.readiness.next_due(now)
         if due is not None:
             waits.append(due)
         oldest = self.claimer.oldest_ready()
@@ -344,7 +343,7 @@ class Service:
             return False
         ra.harvest()
         while self.intake.ok and ra.room() > 0 and (rel := ra.due(now)) is not None:
-            seen = self.readiness.settling(rel, now, QUIET_SECONDS)
+            seen = self.intake.readiness.settling(rel, now, QUIET_SECONDS)
             if seen is None or rel in self.claimer.taken or not ra.wanted(seen):
                 continue  # gone, changed again (a later entry is queued), ready already, or read already
             ra.start(seen, self.decode.read_ahead(self.s.inbox / rel, rel))
@@ -408,6 +407,6 @@ class Service:
         if self.work is None:
             return
         self.publisher.maybe_publish(now, View(
-            waiting=len(self.readiness), blocked=self.backoff.blocked(time.monotonic()), inbox_ok=self.intake.ok,
+            waiting=len(self.intake.readiness), blocked=self.backoff.blocked(time.monotonic()), inbox_ok=self.intake.ok,
             model=self.inference.identity, read_ahead_used=self.read_ahead.used,
             read_ahead_wasted=self.read_ahead.wasted, work_name=self.work.name))

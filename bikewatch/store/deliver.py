@@ -177,7 +177,7 @@ def finish_batch(
         placed.append(item)
     target = ledger if fresh else ledger_of(journal, ledger, inbox, result)
     record_batch(journal_path, journal, placed, touched, inbox=inbox, output=output, ledger=target, fresh=fresh,
-            repair=target.path != ledger.path and _quiet_for(target.path, stale_after))
+                 repair=target.path != ledger.path and _quiet_for(target.path, stale_after))
     result.delivered = placed
     return result
 
