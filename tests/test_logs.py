@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import warnings
-from typing import Iterator
 
 import pytest
 
@@ -18,14 +17,7 @@ from bikewatch.logs import configure, get_logger, native_stderr_as_debug
 from harness import Daemon
 
 
-@pytest.fixture(autouse=True)
-def root_logger_as_it_was() -> Iterator[None]:
-    """configure() installs a root handler on its stream; later tests must not log into a test's StringIO."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+# conftest's logging_as_it_was puts the root logger and structlog back after each test here.
 
 
 def test_native_writes_to_fd_2_become_debug_records(capfd: pytest.CaptureFixture[str]) -> None:
