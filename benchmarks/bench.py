@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from benchmarks import ceiling
 from bikewatch.testing.notify import NotifyListener
 
 REPO = Path(__file__).resolve().parent.parent
@@ -737,6 +738,12 @@ def run_bench(args: argparse.Namespace) -> int:
                     part["latency"] = lat
                 # 2. decode only, 3. inference only, 4. roofline: right before the end-to-end run, which
                 # they are compared with (this machine's speed drifts by 10% over minutes; the daemon idles).
+                # First what the machine allows at all: the model's FLOPs against the float32 peak.
+                log("float32 peak (numpy matmul, all cores) and the model's FLOPs per photo")
+                try:
+                    result["machine_ceiling"] = ceiling.measure(classifier.path)
+                except ValueError as exc:  # a .h5 or a .keras without its LiteRT entry: no operators to count
+                    log(f"no machine ceiling: {exc}")
                 log(f"decode only ({workers} threads)")
                 result["decode"], arrays = measure_decode(photos, workers, min(args.photos, 2000),
                                                           args.min_seconds, max_pixels)
@@ -829,6 +836,14 @@ def evaluate_targets(r: dict[str, Any]) -> None:
     t["ready"] = {"target": TARGET_READY_S, "value": r["startup_s"], "met": r["startup_s"] <= TARGET_READY_S}
     peak = e2e["hwm_kib"] / 1024
     t["peak_rss"] = {"target": TARGET_PEAK_RSS_MIB, "value": peak, "met": peak <= TARGET_PEAK_RSS_MIB}
+    if "machine_ceiling" in r:  # what no service could beat here: see benchmarks/ceiling.py
+        mc = r["machine_ceiling"]
+        r["ceilings"] = ceiling.ceilings(flops=mc["flops_per_photo"], matmul_gflops=mc["matmul"]["gflops"],
+                                         decode=r["decode_limit"]["rate"], inference=r["inference"]["rate"],
+                                         naive=r["naive"]["rate"] if "naive" in r else None)
+        for key in ("vs_naive", "vs_decode_limit"):
+            if key in t and key in r["ceilings"]:
+                t[key]["ceiling"] = r["ceilings"][key]
     mb = r["install"]["bytes"] / 1e6
     t["install"] = {"target": TARGET_INSTALL_MB, "value": mb, "met": mb <= TARGET_INSTALL_MB}
     r["targets"] = t
@@ -866,6 +881,15 @@ def render_table(r: dict[str, Any], args: argparse.Namespace) -> str:
                     f"{_other(i['cpu'])}"))
     rows.append(Row("roofline", "4 roofline (2 and 3 share cores)", f"{r['roofline']['rate']:8.1f} photos/s",
                     "1/(1/decode limit + 1/inference)"))
+    if "ceilings" in r:
+        c = r["ceilings"]
+        mm = r["machine_ceiling"]["matmul"]
+        rows.append(Row("float32_matmul", "  float32 matmul", f"{c['matmul_gflops']:8.1f} GFLOP/s",
+                        f"numpy {mm['size']}x{mm['size']} float32 matmul on all cores, best of {len(mm['rounds'])}: "
+                        "the machine's best-tuned float32 kernel, for scale"))
+        rows.append(Row("inference_gflops", "  inference arithmetic", f"{c['inference_gflops']:8.1f} GFLOP/s",
+                        f"row 3 x {c['flops_per_photo'] / 1e6:.1f} MFLOP per photo: {c['inference_vs_matmul'] * 100:.0f}% "
+                        "of the matmul's rate"))
     e = r["end_to_end"]
     runs = e.get("runs", [e["rate"]])
     rows.append(Row("end_to_end", f"5 end to end, {mode} ({e['photos']} photos)", f"{e['rate']:8.1f} photos/s",
@@ -943,7 +967,12 @@ def render_table(r: dict[str, Any], args: argparse.Namespace) -> str:
              "peak_rss": f"peak RSS of daemon + workers <= {TARGET_PEAK_RSS_MIB:g} MiB",
              "install": f"runtime install <= {TARGET_INSTALL_MB:g} MB"}
     for key, t in r["targets"].items():
-        lines.append(f"  [{'met' if t['met'] else 'MISSED':6}] {names[key]}")
+        bound = ""
+        if "ceiling" in t:  # the ratio that even a service costing nothing would reach here
+            value = f"{t['ceiling']:.1f}x" if key == "vs_naive" else f"{t['ceiling'] * 100:.1f}%"
+            above = "; the target is above it" if t["target"] > t["ceiling"] else ""
+            bound = f"   (ceiling here: {value} at the roofline{above})"
+        lines.append(f"  [{'met' if t['met'] else 'MISSED':6}] {names[key]}{bound}")
     busy = [x for x in ("naive", "decode", "decode_processes", "inference", "end_to_end") if x in r
             and r[x]["cpu"]["other_cores"] > 0.1]
     if busy:

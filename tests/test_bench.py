@@ -22,11 +22,15 @@ def test_bench_prints_every_measurement(tmp_path: Path) -> None:
     for row in ("1 naive baseline", "2 decode only", "3 inference only", "4 roofline", "5 end to end",
                 "end to end, steady state", "6 latency p50 / p99", "7 idle CPU", "memory idle / peak", "start-up to READY=1",
                 "decode limit", "CPU per photo", "8 runtime install", "end-to-end / naive", "end-to-end / decode limit",
-                "end-to-end / roofline"):
+                "end-to-end / roofline", "float32 matmul", "inference arithmetic"):
         assert row in res.stdout, f"missing row {row!r} in:\n{res.stdout}"
     assert "decode only (" in res.stdout and "processes)" in res.stdout, res.stdout
     figures = json.loads(out.read_text())
     assert figures, "the JSON output is empty"
+    # The ratio targets say what even a service that cost nothing (the roofline) would reach here.
+    assert "ceiling here:" in res.stdout, res.stdout
+    assert figures["targets"]["vs_decode_limit"]["ceiling"] == figures["ceilings"]["vs_decode_limit"]
+    assert figures["machine_ceiling"]["flops_per_photo"] == 102_190_912
     # The roofline is built on the faster way to decode (threads, or the daemon's worker processes).
     decode = max(figures["decode"]["rate"], figures["decode_processes"]["rate"])
     expected = 1 / (1 / decode + 1 / figures["inference"]["rate"])
