@@ -51,3 +51,14 @@ def test_bench_prints_every_measurement(tmp_path: Path) -> None:
     # Memory is the daemon plus its decode workers; the install counts bikewatch and its runtime deps only.
     assert figures["end_to_end"]["hwm_kib"] > 0 and figures["end_to_end"]["processes"] >= 2
     assert "bikewatch" in figures["install"]["packages"] and "tensorflow" not in figures["install"]["packages"]
+
+
+def test_servicecost_compares_the_daemon_with_a_bare_loop(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.servicecost", "--photos", "40", "--rounds", "1", "--synthetic"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3", "TMPDIR": str(tmp_path)},
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "bare loop" in res.stdout and "daemon / bare, round by round" in res.stdout, res.stdout
+    assert list(tmp_path.iterdir()) == [], "the work folder is removed"
