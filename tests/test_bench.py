@@ -62,3 +62,17 @@ def test_servicecost_compares_the_daemon_with_a_bare_loop(tmp_path: Path) -> Non
     assert res.returncode == 0, res.stdout + res.stderr
     assert "bare loop" in res.stdout and "daemon / bare, round by round" in res.stdout, res.stdout
     assert list(tmp_path.iterdir()) == [], "the work folder is removed"
+
+
+def test_threadcpu_names_the_daemons_threads(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.threadcpu", "--photos", "40", "--synthetic"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3", "TMPDIR": str(tmp_path)},
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    table = res.stdout.split("ms/photo", 1)[-1]
+    # Every thread is listed under its name (a small dump leaves some below the clock's 10 ms tick).
+    for who in ("main", "deliver_0", "child process", "all"):
+        assert f"  {who}" in table, res.stdout
+    assert list(tmp_path.iterdir()) == [], "the work folder is removed"
