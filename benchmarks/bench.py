@@ -73,16 +73,21 @@ TARGET_IDLE_CPU_PCT = 1.0
 # ----- arguments --------------------------------------------------------------------------------
 
 
+def add_photo_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the photos come from (see :func:`source_photos`); every benchmark here takes these."""
+    p.add_argument("--photos-from", type=Path, default=None, metavar="DIR",
+                   help=f"source photos, searched recursively (default {DEFAULT_PHOTOS} when present, "
+                        "else synthetic 1000x600 JPEGs)")
+    p.add_argument("--synthetic", action="store_true", help="use synthetic JPEGs even when shared photos exist")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--photos", type=int, default=2000, metavar="N",
                    help="photos for the end-to-end run (copies of the source photos; default 2000)")
     p.add_argument("--batch", type=int, default=None, metavar="B",
                    help="batch size for inference and the daemon's max_batch (default: the daemon's default)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write every figure as JSON")
-    p.add_argument("--photos-from", type=Path, default=None, metavar="DIR",
-                   help=f"source photos, searched recursively (default {DEFAULT_PHOTOS} when present, "
-                        "else synthetic 1000x600 JPEGs)")
-    p.add_argument("--synthetic", action="store_true", help="use synthetic JPEGs even when shared photos exist")
+    add_photo_arguments(p)
     p.add_argument("--runs", type=int, default=3, metavar="K",
                    help="end-to-end runs of N photos each; the best is compared with the roofline, as decode "
                         "and inference are best of 3 rounds too (default 3)")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.bench import (
-    Daemon, RowCounter, log, source_photos, stage_copies, wait_for, wx_available,
+    Daemon, RowCounter, add_photo_arguments, log, measure_end_to_end, source_photos, stage_copies, wx_available,
 )
 
 
@@ -46,21 +46,11 @@ def bare_rate(pool: Any, classifier: Any, files: list[Path], batch: int, max_pix
     return len(files) / (time.perf_counter() - t0)
 
 
-def daemon_rate(daemon: Daemon, counter: RowCounter, staged: list[Path], inbox: Path) -> float:
-    base = counter.rows()
-    t0 = time.monotonic()
-    for path in staged:
-        os.rename(path, inbox / path.name)
-    t_last = wait_for(lambda: counter.rows() - base >= len(staged), 120 + len(staged) / 5, "CSV rows", 0.01)
-    return len(staged) / (t_last - t0)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="servicecost", description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=int, default=2000, help="photos per round (default 2000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each, alternating (default 3)")
-    parser.add_argument("--photos-from", type=Path, default=None, help="source photos (default ../shared/data/bikes)")
-    parser.add_argument("--synthetic", action="store_true", help="synthetic JPEGs even when shared photos exist")
+    add_photo_arguments(parser)
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from bikewatch.config import Settings
@@ -95,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 time.sleep(1.0)  # the previous round's last deliveries are done
                 bare.append(bare_rate(pool, classifier, bare_files, batch, max_pixels))
                 time.sleep(1.0)
-                served.append(daemon_rate(daemon, counter, staged[r], inbox))
+                served.append(measure_end_to_end(daemon, counter, staged[r], inbox)["rate"])
                 log(f"round {r + 1}: bare {bare[-1]:.0f}/s, daemon {served[-1]:.0f}/s "
                     f"({served[-1] / bare[-1] * 100:.1f}%)")
         ratios = [s / b for s, b in zip(served, bare)]

@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.bench import TICK, Daemon, RowCounter, log, source_photos, stage_copies, wait_for, wx_available
+from benchmarks.bench import (
+    TICK, Daemon, RowCounter, add_photo_arguments, log, measure_end_to_end, source_photos, stage_copies, wx_available,
+)
 
 SITECUSTOMIZE = '''
 import os, sys, threading
@@ -58,8 +60,7 @@ def children(pid: int) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="threadcpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=int, default=3000, help="photos in the dump (default 3000)")
-    parser.add_argument("--photos-from", type=Path, default=None, help="source photos (default ../shared/data/bikes)")
-    parser.add_argument("--synthetic", action="store_true", help="synthetic JPEGs even when shared photos exist")
+    add_photo_arguments(parser)
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bwthreads-"))
     daemon: Daemon | None = None
@@ -92,10 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pids = [daemon.pid] + children(daemon.pid)
         before = {p: task_cpu(p) for p in pids}
         counter = RowCounter(output / "classifications.csv")
-        t0 = time.monotonic()
-        for path in staged:
-            os.rename(path, inbox / path.name)
-        wall = wait_for(lambda: counter.rows() >= args.photos, 120 + args.photos / 5, "CSV rows", 0.01) - t0
+        wall = measure_end_to_end(daemon, counter, staged, inbox)["seconds"]
         after = {p: task_cpu(p) for p in pids}
         names: dict[int, str] = {}
         for line in names_file.read_text().splitlines():
