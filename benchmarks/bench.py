@@ -743,12 +743,6 @@ def run_bench(args: argparse.Namespace) -> int:
                     part["latency"] = lat
                 # 2. decode only, 3. inference only, 4. roofline: right before the end-to-end run, which
                 # they are compared with (this machine's speed drifts by 10% over minutes; the daemon idles).
-                # First what the machine allows at all: the model's FLOPs against the float32 peak.
-                log("float32 peak (numpy matmul, all cores) and the model's FLOPs per photo")
-                try:
-                    result["machine_ceiling"] = ceiling.measure(classifier.path)
-                except ValueError as exc:  # a .h5 or a .keras without its LiteRT entry: no operators to count
-                    log(f"no machine ceiling: {exc}")
                 log(f"decode only ({workers} threads)")
                 result["decode"], arrays = measure_decode(photos, workers, min(args.photos, 2000),
                                                           args.min_seconds, max_pixels)
@@ -762,7 +756,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 d = max(result["decode"]["rate"], result["decode_processes"]["rate"])
                 i = result["inference"]["rate"]
                 result["decode_limit"] = {"rate": d}
-                result["roofline"] = {"rate": 1 / (1 / d + 1 / i)}
+                result["roofline"] = {"rate": ceiling.roofline(d, i)}
                 del arrays
             runs = []
             for r, batch_of_copies in enumerate(staged):
@@ -798,8 +792,15 @@ def run_bench(args: argparse.Namespace) -> int:
                 result["unrestricted"] = part
             daemon = None
             shutil.rmtree(where, ignore_errors=True)  # the copies: a second set would double the disk used
+        result["machine"]["loadavg_end"] = os.getloadavg()[0]  # before the matmul below loads the cores
+        # Last, with every daemon stopped: the model's FLOPs and numpy's float32 matmul, for scale.
+        # (The BLAS's threads may spin a while after a product: nothing is timed after this.)
+        log("the model's FLOPs per photo and numpy's float32 matmul on all cores")
+        try:
+            result["machine_ceiling"] = ceiling.measure(classifier.path)
+        except ValueError as exc:  # a .h5 or a .keras without its LiteRT entry: no operators to count
+            log(f"no machine ceiling: {exc}")
         del classifier
-        result["machine"]["loadavg_end"] = os.getloadavg()[0]
         evaluate_targets(result)
         return publish(render_table(result, args), result, args.json)
     except (RuntimeError, TimeoutError, FileNotFoundError) as exc:

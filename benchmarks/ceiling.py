@@ -66,6 +66,11 @@ def matmul_peak(rounds: int = 3, size: int = MATMUL_SIZE) -> dict[str, Any]:
     return {"gflops": max(rates), "rounds": rates, "size": size}
 
 
+def roofline(decode: float, inference: float) -> float:
+    """Photos/s when decoding and inference share the cores and nothing else costs anything; pure."""
+    return 1 / (1 / decode + 1 / inference)
+
+
 def ceilings(*, flops: int, matmul_gflops: float, decode: float, inference: float,
              naive: float | None) -> dict[str, float]:
     """Upper bounds for the end-to-end rate and its target ratios on this machine; pure.
@@ -75,18 +80,18 @@ def ceilings(*, flops: int, matmul_gflops: float, decode: float, inference: floa
     would reach it, none can pass it. ``inference_vs_matmul`` says how close inference
     already is to the machine's best float32 kernel, so how much faster it could get at all.
     """
-    roofline = 1 / (1 / decode + 1 / inference)
+    bound = roofline(decode, inference)
     out = {
         "flops_per_photo": float(flops),
         "matmul_gflops": matmul_gflops,
         "inference_gflops": inference * flops / 1e9,
         "inference_vs_matmul": inference * flops / 1e9 / matmul_gflops,
         "inference_at_matmul": matmul_gflops * 1e9 / flops,
-        "roofline": roofline,
-        "vs_decode_limit": roofline / decode,
+        "roofline": bound,
+        "vs_decode_limit": bound / decode,
     }
     if naive:
-        out["vs_naive"] = roofline / naive
+        out["vs_naive"] = bound / naive
     return out
 
 
