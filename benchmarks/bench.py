@@ -128,9 +128,9 @@ def publish(table: str, result: dict[str, Any], json_path: Path | None) -> int:
     return 0
 
 
-def proc_cpu_seconds(pid: int | str = "self") -> float:
-    """utime + stime of a whole process (all threads), from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as fh:
+def proc_cpu_seconds(pid: int | str = "self", tid: int | None = None) -> float:
+    """utime + stime of a whole process (all threads), from /proc/PID/stat; of one thread with ``tid``."""
+    with open(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
 
@@ -457,9 +457,11 @@ def measure_inference(classifier: Any, arrays: list[Any], batch: int, min_photos
 class Daemon:
     """A ``bikewatch run`` child on a temporary config; READY=1 comes over a real NOTIFY_SOCKET."""
 
-    def __init__(self, work: Path, settings: dict[str, Any], *, wx: bool = False) -> None:
+    def __init__(self, work: Path, settings: dict[str, Any], *, wx: bool = False,
+                 env: dict[str, str] | None = None) -> None:
         self.work = work
         self.wx = wx  # W^X as MemoryDenyWriteExecute=yes imposes it, set in the child before exec
+        self.extra_env = env or {}  # on top of this process's environment
         self.config = work / "bench.toml"
         self.config.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in settings.items()))
         self.log_file = work / "daemon.log"
@@ -474,7 +476,7 @@ class Daemon:
     def start(self, timeout: float = 180.0) -> float:
         """Start the child; seconds until it sent READY=1."""
         self.listener = NotifyListener(self.work / "notify.sock")
-        env = {**os.environ, **self.listener.env(), "TF_CPP_MIN_LOG_LEVEL": "3"}
+        env = {**os.environ, **self.extra_env, **self.listener.env(), "TF_CPP_MIN_LOG_LEVEL": "3"}
         env.pop("WATCHDOG_USEC", None)
         env.pop("WATCHDOG_PID", None)
         t0 = time.monotonic()

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Sequence
 
 from benchmarks.bench import (
-    TICK, Daemon, RowCounter, add_photo_arguments, log, measure_end_to_end, source_photos, stage_copies, wx_available,
+    Daemon, RowCounter, add_photo_arguments, log, measure_end_to_end, proc_cpu_seconds, process_tree, source_photos,
+    stage_copies, wx_available,
 )
 
 SITECUSTOMIZE = '''
@@ -41,20 +42,12 @@ if sys.orig_argv[1:4] == ["-m", "bikewatch", "run"] and os.environ.get("BW_THREA
 def task_cpu(pid: int) -> dict[int, float]:
     """CPU seconds of each thread of ``pid`` now (threads that ended are gone)."""
     out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    for task in os.listdir(f"/proc/{pid}/task"):
         try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(task)] = proc_cpu_seconds(pid, int(task))
         except OSError:
             continue
-        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / TICK
     return out
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,22 +68,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         staged = stage_copies(photos, work / "stage", args.photos, "p")
         os.sync()
         wx = wx_available() is None
-        saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "BW_THREAD_NAMES")}
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), saved["PYTHONPATH"]]))
-        os.environ["BW_THREAD_NAMES"] = str(names_file)
-        try:
-            daemon = Daemon(work, {"inbox": str(inbox), "output": str(output), "log_format": "json",
-                                   "worker_name": "threadcpu"}, wx=wx)
-            daemon.start()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        pythonpath = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+        daemon = Daemon(work, {"inbox": str(inbox), "output": str(output), "log_format": "json",
+                               "worker_name": "threadcpu"}, wx=wx,
+                        env={"PYTHONPATH": pythonpath, "BW_THREAD_NAMES": str(names_file)})
+        daemon.start()
         log(f"{args.photos} photos from {origin}; daemon {'under W^X' if wx else 'unrestricted'}")
         time.sleep(1.0)  # start-up work is over
-        pids = [daemon.pid] + children(daemon.pid)
+        pids = process_tree(daemon.pid)  # the daemon first, then its decode workers
         before = {p: task_cpu(p) for p in pids}
         counter = RowCounter(output / "classifications.csv")
         wall = measure_end_to_end(daemon, counter, staged, inbox)["seconds"]
