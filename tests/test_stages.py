@@ -10,6 +10,7 @@ test_guarantees...) still run the real model in a real child process.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from concurrent.futures import Future
 from pathlib import Path
@@ -257,6 +258,39 @@ def test_recovered_files_take_the_same_accounting_path(tmp_path: Path, logs: lis
     assert [it.source for it in delivered] == ["g.png"] and accounting.counts.by_label == {"road": 1}
     assert [e.get("delivered_by") for e in logs if e["event"] == "sorted"] == ["recovery"]
     assert len(read_csv(output / "log.csv")) == 1
+
+
+def test_recovery_outlives_its_work_folder_vanishing(tmp_path: Path, logs: list[dict[str, object]]) -> None:
+    """The inbox's filesystem goes away between creating our work folder and looking in it (a
+    swap mid-renewal): recovery says so and looks again later, instead of crashing the service."""
+    inbox, output, state = tmp_path / "inbox", tmp_path / "sorted", tmp_path / "inbox" / ".bikewatch"
+    inbox.mkdir()
+    recoverer = Recoverer(inbox=inbox, output=output, state_dir=state, ledger=Ledger(output / "log.csv"),
+                          stale_after=120, accounting=Accounting(Metrics(), get_logger()), backoff=Backoff(1.0),
+                          log=get_logger())
+    work = WorkArea(state, "me")
+    try:
+        shutil.rmtree(state)  # the folder and everything around it are gone, as with a swapped filesystem
+        recoverer.recover(work)
+    finally:
+        work.close()
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+        "cannot look for stopped workers' folders now; will look again"]
+    assert not recoverer.left  # nothing was found to be left: intake goes on, the next look finds what is there
+    # Once a filesystem is back with a dead worker's folder on it, the next look recovers it.
+    dead = state / "work" / "dead-1-abcdef"
+    dead.mkdir(parents=True)
+    (dead / "lock").write_bytes(b"")
+    png(dead / "dead.1.0000", GREEN)
+    claimed = Journal(batch="dead.1", phase=PHASE_CLAIMED, worker="dead", items=(Item(key="dead.1.0000",
+                                                                                      source="g.png"),))
+    write_journal(dead / "dead.1.json", decided_by_hand(claimed, dead, "road"))
+    work = WorkArea(state, "me")
+    try:
+        recoverer.recover(work)
+    finally:
+        work.close()
+    assert (output / "road" / "g.png").is_file() and not dead.exists()
 
 
 def test_accounting_logs_each_damaged_journal_once(logs: list[dict[str, object]]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bikewatch.service.accounting import Accounting
 from bikewatch.service.backoff import Backoff
@@ -43,6 +43,18 @@ class Recoverer:
             self.log.info("returned to inbox", source=item.source, reason=why)
 
         self.left = False
+        try:
+            self._recover_each(work, on_return)
+        except OSError as exc:
+            # Our work folder or the state folder cannot be listed: the inbox's filesystem went
+            # away (or was swapped) under us, even between creating the folder and looking in
+            # it. Nothing was found to be left; the next look (the periodic one, or a new work
+            # folder's) finds whatever is there then. Crashing here would stop the whole service.
+            self.log.warning("cannot look for stopped workers' folders now; will look again", error=str(exc))
+        sweep_status_files(self.state_dir, self.stale_after)
+
+    def _recover_each(self, work: WorkArea, on_return: Callable[[Item, str], None]) -> None:
+        """Every dead worker's folder, taken over and finished; OSError only when they cannot be listed."""
         for folder in work.orphaned_dirs(retired=self.retired):
             work.heartbeat(time.monotonic())  # a long recovery must not make us look dead to other hosts
             try:
@@ -70,4 +82,3 @@ class Recoverer:
                           delivered=len(res.delivered), returned=len(res.returned),
                           **({"csv": sorted({c for _, c in res.elsewhere})} if res.elsewhere else {}))
             remove_status_of(self.state_dir, dead)
-        sweep_status_files(self.state_dir, self.stale_after)
